@@ -1,0 +1,24 @@
+"""Dataset readers. Importing this package registers every built-in reader."""
+
+from xmodal.data.readers import native  # noqa: F401
+from xmodal.data.readers.base import (
+    READERS,
+    IndexResult,
+    LoadOptions,
+    Reader,
+    Skipped,
+    detect_reader,
+    get_reader,
+    register_reader,
+)
+
+__all__ = [
+    "READERS",
+    "IndexResult",
+    "LoadOptions",
+    "Reader",
+    "Skipped",
+    "detect_reader",
+    "get_reader",
+    "register_reader",
+]
