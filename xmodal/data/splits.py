@@ -1,0 +1,135 @@
+"""Geographic splits and the leakage check.
+
+Random tile splits leak: neighbouring tiles share buildings, fields and speckle statistics, and some
+datasets ship overlapping patches. xmodal splits by region or by spatial blocks, and refuses a
+manifest whose train and test footprints overlap on the ground.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from typing import Any, Iterable
+
+from xmodal.data.manifest import record_meta
+from xmodal.errors import ConfigError, LeakageError
+
+
+def _stable_fraction(key: str, seed: int) -> float:
+    """A number in [0, 1) that depends only on ``key`` and ``seed`` (not on Python's hash seed)."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _check_fractions(val: float, test: float) -> None:
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise ConfigError(f"split fractions val={val}, test={test}: each must be in [0, 1) and their sum below 1")
+
+
+def split_by_region(
+    records: list[dict[str, Any]],
+    *,
+    test_regions: Iterable[str] | None = None,
+    val_regions: Iterable[str] | None = None,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Assign whole regions to train / val / test.
+
+    Named regions go where they are named; other regions are drawn deterministically from ``seed``
+    so that about ``val_fraction`` / ``test_fraction`` of the regions land in val / test.
+    """
+    _check_fractions(val_fraction, test_fraction)
+    regions = sorted({r["region"] for r in records})
+    test_named, val_named = set(test_regions or ()), set(val_regions or ())
+    unknown = (test_named | val_named) - set(regions)
+    if unknown:
+        raise ConfigError(f"split regions {sorted(unknown)} are not in the data; regions present: {regions}")
+    assignment: dict[str, str] = {}
+    for region in regions:
+        if region in test_named:
+            assignment[region] = "test"
+        elif region in val_named:
+            assignment[region] = "val"
+        elif test_regions is None and val_regions is None:
+            draw = _stable_fraction(region, seed)
+            assignment[region] = "test" if draw < test_fraction else "val" if draw < test_fraction + val_fraction else "train"
+        else:
+            assignment[region] = "train"
+    # With few regions the draw can leave a split empty; move one region into each empty split.
+    if test_regions is None and val_regions is None and len(regions) >= 3:
+        ranked = sorted(regions, key=lambda reg: _stable_fraction(reg, seed))
+        for split in ("test", "val"):
+            if split not in assignment.values():
+                donor = next(reg for reg in ranked if assignment[reg] == "train" and list(assignment.values()).count("train") > 1)
+                assignment[donor] = split
+    return [{**r, "split": assignment[r["region"]]} for r in records]
+
+
+def split_by_blocks(
+    records: list[dict[str, Any]],
+    *,
+    block_size: float,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Assign square ground blocks of ``block_size`` CRS units to splits.
+
+    A tile belongs to the block holding its centre; tiles straddling a block edge can still touch a
+    neighbour block, which :func:`check_no_leakage` then reports.
+    """
+    _check_fractions(val_fraction, test_fraction)
+    if block_size <= 0:
+        raise ConfigError(f"split block_size must be positive, got {block_size}")
+    out = []
+    for record in records:
+        centre_x = (record["left"] + record["right"]) / 2
+        centre_y = (record["bottom"] + record["top"]) / 2
+        key = f"{record['crs']}:{int(centre_x // block_size)}:{int(centre_y // block_size)}"
+        draw = _stable_fraction(key, seed)
+        split = "test" if draw < test_fraction else "val" if draw < test_fraction + val_fraction else "train"
+        out.append({**record, "split": split})
+    return out
+
+
+def find_leaks(records: list[dict[str, Any]], held_out: tuple[str, ...] = ("val", "test")) -> list[tuple[str, str]]:
+    """Pairs (train tile, held-out tile) whose footprints overlap.
+
+    Uses a grid index on tile bounds so the check stays near-linear for large manifests.
+    """
+    by_crs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        if record["crs"]:
+            by_crs[record["crs"]].append(record)
+    leaks: list[tuple[str, str]] = []
+    for crs_records in by_crs.values():
+        widths = [r["right"] - r["left"] for r in crs_records] + [r["top"] - r["bottom"] for r in crs_records]
+        cell = max(max(widths), 1e-9)
+        grid: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+        for record in crs_records:
+            if record["split"] == "train":
+                grid[(int(record["left"] // cell), int(record["bottom"] // cell))].append(record)
+        for record in crs_records:
+            if record["split"] not in held_out:
+                continue
+            meta = record_meta(record)
+            cx, cy = int(record["left"] // cell), int(record["bottom"] // cell)
+            for dx in (-1, 0, 1):
+                for dy in (-1, 0, 1):
+                    for train in grid.get((cx + dx, cy + dy), ()):
+                        if meta.overlaps(record_meta(train)):
+                            leaks.append((train["tile_id"], record["tile_id"]))
+    return leaks
+
+
+def check_no_leakage(records: list[dict[str, Any]], held_out: tuple[str, ...] = ("val", "test")) -> None:
+    """Raise :class:`LeakageError` naming overlapping train / held-out tiles."""
+    leaks = find_leaks(records, held_out)
+    if leaks:
+        shown = ", ".join(f"{a} <-> {b}" for a, b in leaks[:5])
+        raise LeakageError(
+            f"{len(leaks)} train tile(s) overlap held-out tiles on the ground ({shown}"
+            f"{' ...' if len(leaks) > 5 else ''}); split by region or by larger blocks"
+        )
