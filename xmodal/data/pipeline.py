@@ -1,0 +1,145 @@
+"""Ray Data pipeline: manifest records -> decoded tiles -> prepared, augmented batches.
+
+``build_datasets`` returns one ``ray.data.Dataset`` per split. The decode stage (reader + unit
+conversion) is deterministic and, when the decoded tiles fit comfortably in the object store, is
+materialised once (``data.cache``) so later epochs only pay for augmentation; the prepare stage
+(crop, photometric jitter, normalisation, geometric transform) runs every epoch.
+
+:func:`torch_loader` builds a plain ``torch.utils.data.DataLoader`` over the very same transforms,
+for benchmarks and for debugging without Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import ray
+import torch
+
+from xmodal.data.prepared import PreparedData
+from xmodal.data.transforms import Decoder, Preparer, stack, unstack
+
+# Decoded tiles may take at most this share of the object store before caching is skipped.
+_CACHE_SHARE = 0.3
+_MAX_BLOCKS = 64
+
+
+class _DecodeBatch:
+    """map_batches callable: a batch of manifest records -> stacked decoded arrays."""
+
+    def __init__(self, prepared: PreparedData) -> None:
+        self.decoder = Decoder(
+            prepared.info, prepared.manifest.data_root, prepared.settings.load_options(), prepared.settings.sar_db
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        columns = list(batch)
+        count = len(batch[columns[0]])
+        records = [{column: _scalar(batch[column][i]) for column in columns} for i in range(count)]
+        return stack([self.decoder(record) for record in records])
+
+
+class _PrepareBatch:
+    """map_batches callable: decoded arrays -> prepared arrays (augmented when training)."""
+
+    def __init__(self, prepared: PreparedData, train: bool) -> None:
+        settings = prepared.settings
+        self.preparer = Preparer(
+            prepared.info, prepared.stats, settings.tile_size, settings.augment if train else None, settings.clip_sigma
+        )
+        self.rng = np.random.default_rng()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return stack([self.preparer(sample, self.rng) for sample in unstack(batch)])
+
+
+def _scalar(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def decoded_bytes(prepared: PreparedData, tiles: int) -> int:
+    """Estimated object-store bytes of ``tiles`` decoded tiles."""
+    info = prepared.info
+    side = info.tile_size or prepared.settings.tile_size
+    channels = len(info.sar_bands) + len(info.optical_bands)
+    labels = sum(layer is not None for layer in (prepared.settings.mask_layer, prepared.settings.noisy_layer))
+    return tiles * side * side * (4 * channels + 8 * labels + 2)
+
+
+def should_cache(prepared: PreparedData, tiles: int) -> bool:
+    """Whether to materialise decoded tiles (``data.cache``; ``auto`` checks the object store)."""
+    mode = prepared.settings.cache
+    if mode != "auto":
+        return mode == "always"
+    store = ray.available_resources().get("object_store_memory", 0.0)
+    return decoded_bytes(prepared, tiles) < _CACHE_SHARE * store
+
+
+def build_dataset(prepared: PreparedData, split: str, *, train: bool | None = None, cache: bool | None = None) -> ray.data.Dataset:
+    """A Ray Dataset of prepared samples of one split.
+
+    Args:
+        prepared: The checked dataset.
+        split: ``train``, ``val`` or ``test``.
+        train: Augment (defaults to ``split == "train"``).
+        cache: Materialise decoded tiles (defaults to :func:`should_cache`).
+    """
+    train = split == "train" if train is None else train
+    records = prepared.records(split)
+    if not records:
+        raise ValueError(f"split {split!r} of {prepared.info.name!r} is empty")
+    blocks = prepared.settings.blocks or min(_MAX_BLOCKS, max(1, len(records) // 4))
+    decode_batch = max(1, min(16, len(records) // blocks))
+    dataset = ray.data.from_items(records, override_num_blocks=min(blocks, len(records)))
+    dataset = dataset.map_batches(_DecodeBatch, fn_constructor_args=(prepared,), batch_size=decode_batch, concurrency=(1, 4))
+    if should_cache(prepared, len(records)) if cache is None else cache:
+        dataset = dataset.materialize()
+    if train:
+        dataset = dataset.randomize_block_order()
+    return dataset.map_batches(_PrepareBatch, fn_constructor_args=(prepared, train), batch_size=decode_batch, concurrency=(1, 4))
+
+
+def build_datasets(prepared: PreparedData, splits: tuple[str, ...] = ("train", "val")) -> dict[str, ray.data.Dataset]:
+    """One dataset per split (empty splits are left out)."""
+    return {split: build_dataset(prepared, split) for split in splits if prepared.records(split)}
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """Map-style PyTorch dataset over the same transforms (no Ray)."""
+
+    def __init__(self, prepared: PreparedData, split: str, train: bool | None = None, seed: int | None = None) -> None:
+        train = split == "train" if train is None else train
+        self.records = prepared.records(split)
+        settings = prepared.settings
+        self.decoder = Decoder(prepared.info, prepared.manifest.data_root, settings.load_options(), settings.sar_db)
+        self.preparer = Preparer(prepared.info, prepared.stats, settings.tile_size, settings.augment if train else None, settings.clip_sigma)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, position: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(None if self.seed is None else (self.seed, position))
+        return self.preparer(self.decoder(self.records[position]), rng)
+
+
+def torch_loader(prepared: PreparedData, split: str, *, num_workers: int = 0, shuffle: bool | None = None) -> torch.utils.data.DataLoader:
+    """A plain DataLoader reading the same files with the same transforms."""
+    train = split == "train"
+    return torch.utils.data.DataLoader(
+        TileDataset(prepared, split),
+        batch_size=prepared.settings.batch_size,
+        shuffle=train if shuffle is None else shuffle,
+        num_workers=num_workers,
+        drop_last=train,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def iterate_numpy(prepared: PreparedData, split: str) -> Iterator[dict[str, np.ndarray]]:
+    """Prepared evaluation batches without Ray or torch workers (for tests and small sets)."""
+    dataset = TileDataset(prepared, split, train=False)
+    size = prepared.settings.batch_size
+    for start in range(0, len(dataset), size):
+        yield stack([dataset[i] for i in range(start, min(start + size, len(dataset)))])
