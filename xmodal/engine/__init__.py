@@ -1,0 +1,1 @@
+"""Engine layer: Ray Train loop, checkpoints, experiment runner, Ray Tune sweeps, benchmarks."""

@@ -1,0 +1,221 @@
+"""Experiment configs: YAML files under ``experiments/``, validated before anything starts.
+
+A config has these sections (all optional except ``name`` and ``method``)::
+
+    name: sar-buildings            # run name: relaunching the same name resumes it
+    method: supervised             # a registered method
+    method_settings: {...}         # validated against the method's own Settings dataclass
+    data: {...}                    # xmodal.data.prepared.DataSettings
+    world: {...}                   # synthetic world to generate when data.root does not exist
+    model: {...}                   # xmodal.methods.base.ModelSettings
+    train: {...}                   # xmodal.methods.base.OptimSettings
+    scaling: {...}                 # ScalingSettings
+    run: {...}                     # RunSettings
+    inputs: {teacher: path/to/checkpoint_dir}
+    phases: [...]                  # optional chain: each phase overrides sections of the base
+
+``extends: other.yaml`` (relative to the file) merges a base config under this one. Overrides on
+the command line use dotted keys: ``train.epochs=3 data.batch_size=4``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from xmodal.data.prepared import DataSettings
+from xmodal.errors import ConfigError
+from xmodal.methods.base import ModelSettings, OptimSettings, get_method
+from xmodal.settings import from_dict, merge, set_dotted, to_dict
+
+
+@dataclass
+class ScalingSettings:
+    """Workers and resources of one training run.
+
+    Attributes:
+        num_workers: Ray Train workers (DDP ranks).
+        use_gpu: One GPU per worker.
+        cpus_per_worker: CPUs reserved per worker (leave the rest to Ray Data).
+        data_cpus: CPUs kept free for Ray Data decoding (local runs size Ray to leave them).
+        torch_threads: Intra-op threads per worker (``None``: the machine's cores / workers).
+    """
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    data_cpus: int = 1
+    torch_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"scaling.num_workers={self.num_workers}; expected >= 1")
+
+
+@dataclass
+class RunSettings:
+    """Where results go and how failures are handled.
+
+    Attributes:
+        storage: Ray Train storage path (local folder, shared mount, ``s3://``, ``gs://``).
+        results: Local folder for metrics.json, panels and TensorBoard (default: ``storage``
+            when it is a local path, else ``results/``).
+        max_failures: Worker-group restarts from the last checkpoint before a run fails.
+        keep_checkpoints: Checkpoints kept (ranked by the method's metric).
+        eval_every: Validate every N epochs (and always after the last).
+        panels: Sample rows in the evaluation PNG.
+        log_every: Steps between TensorBoard points / progress lines.
+        address: Ray cluster address (``None``: ``RAY_ADDRESS`` or a local Ray).
+    """
+
+    storage: str = "runs"
+    results: str | None = None
+    max_failures: int = 1
+    keep_checkpoints: int = 2
+    eval_every: int = 1
+    panels: int = 4
+    log_every: int = 10
+    address: str | None = None
+
+
+@dataclass
+class PhaseSettings:
+    """One phase of a chained run (e.g. teacher -> distillation -> finetuning).
+
+    Attributes:
+        name: Phase name; its checkpoint can be handed to later phases under this name.
+        overrides: Sections of the experiment this phase changes (method, method_settings, train...).
+        inputs: Checkpoints this phase reads: input name -> earlier phase name or a checkpoint path.
+    """
+
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ExperimentConfig:
+    """A validated experiment."""
+
+    name: str
+    method: str
+    method_settings: Any = None
+    data: DataSettings = field(default_factory=DataSettings)
+    world: dict[str, Any] | None = None
+    model: ModelSettings = field(default_factory=ModelSettings)
+    train: OptimSettings = field(default_factory=OptimSettings)
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    inputs: dict[str, str] = field(default_factory=dict)
+    phases: list[PhaseSettings] = field(default_factory=list)
+    source: str = "<dict>"
+
+    def to_plain(self) -> dict[str, Any]:
+        """Plain values (for YAML dumps, Tune configs and fingerprints)."""
+        plain = to_dict(self)
+        plain.pop("source", None)
+        return plain
+
+
+_TOP_LEVEL = {f for f in ExperimentConfig.__dataclass_fields__ if f != "source"}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping, following ``extends:`` chains, with errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("extends", None)
+    if base is not None:
+        data = merge(read_yaml(path.parent / base), data)
+    return data
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.epochs=3", "model.arch=fpn"]`` -> nested dict (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        set_dotted(out, key.strip(), value)
+    return out
+
+
+def build_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    """Validate a plain config mapping (every section, the method's settings, every phase)."""
+    raw = copy.deepcopy(raw)
+    unknown = set(raw) - _TOP_LEVEL
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; known: {sorted(_TOP_LEVEL)}")
+    for key in ("name", "method"):
+        if key not in raw:
+            raise ConfigError(f"{source}: missing required key {key!r}")
+    try:
+        config = from_dict(ExperimentConfig, {**raw, "method_settings": None, "source": source})
+        config.method_settings = get_method(config.method).parse_settings(raw.get("method_settings"))
+        if config.world is not None:
+            from xmodal.data.synth import WorldConfig
+
+            WorldConfig.from_dict(config.world)
+        for phase in config.phases:
+            phase_config(config, phase)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, merge overrides into and validate a config file."""
+    raw = merge(read_yaml(path), parse_overrides(overrides or []))
+    return build_config(raw, str(path))
+
+
+def phase_config(config: ExperimentConfig, phase: PhaseSettings) -> ExperimentConfig:
+    """The experiment one phase runs: the base with the phase's overrides, named ``<name>/<phase>``."""
+    plain = config.to_plain()
+    plain.pop("phases")
+    overrides = copy.deepcopy(phase.overrides)
+    if overrides.get("method", plain["method"]) != plain["method"]:
+        plain["method_settings"] = {}  # another method's settings do not carry over
+    merged = merge(plain, overrides)
+    merged["name"] = f"{config.name}/{phase.name}"
+    merged["phases"] = []
+    try:
+        return build_config(merged, f"{config.source} phase {phase.name!r}")
+    except ConfigError as exc:
+        raise ConfigError(f"phase {phase.name!r}: {exc}") from exc
+
+
+def fingerprint(config: ExperimentConfig) -> dict[str, Any]:
+    """The parts of a config a resumed run must share with the run it resumes.
+
+    Epochs, scaling and run settings may change between launches (e.g. to extend training on more
+    workers); the method, its settings, the model and the data may not.
+    """
+    plain = config.to_plain()
+    data = dict(plain["data"])
+    for key in ("batch_size", "blocks", "cache", "shuffle_buffer"):
+        data.pop(key, None)
+    train = {k: v for k, v in plain["train"].items() if k != "epochs"}
+    return {
+        "method": plain["method"],
+        "method_settings": plain["method_settings"],
+        "model": plain["model"],
+        "data": data,
+        "train": train,
+    }

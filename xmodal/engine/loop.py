@@ -1,0 +1,223 @@
+"""The one generic Ray Train loop, driven by a method object.
+
+Each worker: builds the method, resumes from the latest checkpoint if there is one, runs the
+epochs over its shard of the training split, validates on rank 0, and reports metrics with a
+checkpoint after every epoch (Train V2 keeps metrics only with checkpoints). After the last epoch,
+rank 0 evaluates the test split and returns the result to the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from xmodal.data.prepared import PreparedData
+from xmodal.engine.config import ExperimentConfig
+from xmodal.errors import DataError
+from xmodal.methods.base import DataSpec, Method, MethodContext, get_method
+from xmodal.methods.exports import save_exports
+
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class WorkerPlan:
+    """Everything a worker needs, computed once by the driver and pickled to each worker."""
+
+    config: ExperimentConfig
+    prepared: PreparedData
+    spec: DataSpec
+    train_tiles: int
+    splits: tuple[str, ...]
+    results_dir: str
+    fingerprint: dict[str, Any]
+    inputs: dict[str, Any] = field(default_factory=dict)  # name -> ray.train.Checkpoint
+
+    def steps_per_epoch(self, world_size: int) -> int:
+        per_worker = self.train_tiles // world_size
+        steps = per_worker // self.config.data.batch_size
+        if steps == 0:
+            raise DataError(
+                f"{self.train_tiles} training tiles over {world_size} worker(s) give fewer than one batch of "
+                f"{self.config.data.batch_size}; lower data.batch_size or scaling.num_workers"
+            )
+        return steps
+
+
+def data_spec(prepared: PreparedData) -> DataSpec:
+    """The method-facing description of a prepared dataset."""
+    info = prepared.info
+    sar_mean, sar_std = prepared.stats.mean_std("sar")
+    return DataSpec(
+        sar_channels=len(info.sar_bands),
+        optical_channels=len(info.optical_bands),
+        sar_bands=tuple(info.sar_bands.names),
+        optical_bands=tuple(info.optical_bands.names),
+        num_classes=prepared.num_classes(),
+        class_names=tuple(prepared.class_names()),
+        mask_layer=prepared.settings.mask_layer,
+        ignore_index=info.ignore_index,
+        sar_mean=tuple(float(v) for v in sar_mean),
+        sar_std=tuple(float(v) for v in sar_std),
+        tile_size=prepared.settings.tile_size,
+    )
+
+
+def build_method(config: ExperimentConfig, spec: DataSpec) -> Method:
+    """Instantiate the configured method (after checking it can use the data)."""
+    method_cls = get_method(config.method)
+    method_cls.check_data(spec)
+    return method_cls(config.method_settings, config.model, config.train, spec)
+
+
+def _local_inputs(inputs: dict[str, Any], scratch: Path) -> dict[str, Path]:
+    """Input checkpoints as local folders (downloaded when they live on remote storage)."""
+    local = {}
+    for name, checkpoint in inputs.items():
+        if isinstance(checkpoint, (str, Path)):
+            local[name] = Path(checkpoint)
+            continue
+        target = scratch / name
+        checkpoint.to_directory(str(target))
+        local[name] = target
+    return local
+
+
+def _batches(split: str, batch_size: int, device: torch.device, shuffle_buffer: int = 0, drop_last: bool = False):
+    shard = ray.train.get_dataset_shard(split)
+    return shard.iter_torch_batches(
+        batch_size=batch_size,
+        device=device,
+        drop_last=drop_last,
+        local_shuffle_buffer_size=shuffle_buffer or None,
+        prefetch_batches=2,
+    )
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Body of every Ray Train worker."""
+    plan: WorkerPlan = loop_config["plan"]
+    config = plan.config
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    threads = config.scaling.torch_threads or max(1, (os.cpu_count() or 1) // world)
+    torch.set_num_threads(threads)
+    device = ray.train.torch.get_device()
+
+    def log(message: str) -> None:
+        if rank == 0:
+            print(f"[{config.name}] {message}", flush=True)
+
+    scratch = Path(tempfile.mkdtemp(prefix="xmodal-inputs-"))
+    steps_per_epoch = plan.steps_per_epoch(world)
+    method = build_method(config, plan.spec)
+    method.setup(
+        MethodContext(
+            device=device,
+            rank=rank,
+            world_size=world,
+            prepare_module=ray.train.torch.prepare_model,
+            steps_per_epoch=steps_per_epoch,
+            inputs=_local_inputs(plan.inputs, scratch),
+            log=log,
+        )
+    )
+    metric_name = getattr(method, "metric", type(method).metric)
+
+    start_epoch, global_step = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)
+        if state["fingerprint"] != plan.fingerprint:
+            raise DataError(
+                f"run {config.name!r} already exists in {config.run.storage} with another method, model or data; "
+                "choose another name, or delete that run folder to start over"
+            )
+        method.load_state_dict(state["method"])
+        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+        log(f"resumed from epoch {state['epoch'] + 1} checkpoint")
+
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(Path(plan.results_dir) / "tensorboard"), purge_step=global_step or None)
+
+    batch_size = config.data.batch_size
+    epochs = config.train.epochs
+    last_val: dict[str, float] = {}
+    for epoch in range(start_epoch, epochs):
+        started = time.perf_counter()
+        totals: dict[str, float] = {}
+        steps = 0
+        for batch in _batches("train", batch_size, device, config.data.shuffle_buffer, drop_last=True):
+            logs = method.train_step(batch, global_step)
+            steps += 1
+            global_step += 1
+            for key, value in logs.items():
+                totals[key] = totals.get(key, 0.0) + value
+            if writer is not None and global_step % config.run.log_every == 0:
+                for key, value in logs.items():
+                    writer.add_scalar(f"train/{key}", value, global_step)
+        train_seconds = time.perf_counter() - started
+        metrics: dict[str, float] = {f"train/{k}": v / max(steps, 1) for k, v in totals.items()}
+        metrics.update({f"train/{k}": v for k, v in method.end_epoch(epoch).items()})
+        metrics.update(epoch=epoch + 1, step=global_step, epoch_seconds=train_seconds)
+        metrics["train/tiles_per_s"] = steps * batch_size * world / max(train_seconds, 1e-9)
+        is_last = epoch + 1 == epochs
+        if rank == 0 and "val" in plan.splits and ((epoch + 1) % config.run.eval_every == 0 or is_last):
+            result = method.evaluate(_batches("val", batch_size, device))
+            last_val = {f"val/{k}": v for k, v in result.metrics.items()}
+        metrics.update(last_val)
+        if writer is not None:
+            for key, value in metrics.items():
+                if "/" in key:
+                    writer.add_scalar(key, value, global_step)
+            writer.flush()
+        shown = f"  {metric_name} {metrics[metric_name]:.4f}" if metric_name in metrics else ""
+        log(
+            f"epoch {epoch + 1}/{epochs}  loss {metrics.get('train/loss', float('nan')):.4f}{shown}  "
+            f"{train_seconds:.1f} s  {metrics['train/tiles_per_s']:.1f} tiles/s"
+        )
+        with tempfile.TemporaryDirectory() as folder:
+            report_checkpoint = None
+            if rank == 0:
+                torch.save(
+                    {
+                        "method": method.state_dict(),
+                        "epoch": epoch,
+                        "global_step": global_step,
+                        "fingerprint": plan.fingerprint,
+                        "metrics": metrics,
+                    },
+                    Path(folder) / STATE_FILE,
+                )
+                (Path(folder) / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+                save_exports(method.exports(), folder)
+                report_checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=report_checkpoint)
+
+    if writer is not None:
+        writer.close()
+    if rank != 0:
+        return None
+    outcome: dict[str, Any] = {"epochs": epochs, "metric": metric_name, "metric_mode": type(method).metric_mode}
+    for split in ("val", "test"):
+        if split in plan.splits:
+            result = method.evaluate(_batches(split, batch_size, device), panels=config.run.panels if split == "test" else 0)
+            outcome[split] = result.metrics
+            outcome[f"{split}_per_class"] = result.per_class
+            if split == "test":
+                outcome["panels"] = result.panels
+    return outcome

@@ -1,0 +1,3 @@
+"""Imports every built-in method so that it registers itself. Add one line per new method."""
+
+from xmodal.methods import supervised  # noqa: F401
