@@ -95,7 +95,7 @@ def read_raster(
             nodata = src.nodata
             transform = src.transform
             if out_shape is not None:
-                transform = transform * Affine.scale(src.width / out_shape[1], src.height / out_shape[0])
+                transform = transform @ Affine.scale(src.width / out_shape[1], src.height / out_shape[0])
             grid = RasterGrid(
                 crs=crs_string(src.crs),
                 transform=tuple(transform)[:6],

@@ -18,6 +18,8 @@ import ray
 import torch
 
 from xmodal.data.prepared import PreparedData
+from xmodal.data.stats import convert_sar
+from xmodal.data.store import PACKED_READER, decode_row
 from xmodal.data.transforms import Decoder, Preparer, stack, unstack
 
 # Decoded tiles may take at most this share of the object store before caching is skipped.
@@ -52,6 +54,41 @@ class _PrepareBatch:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return stack([self.preparer(sample, self.rng) for sample in unstack(batch)])
+
+
+class _DecodePackedBatch:
+    """map_batches callable: rows of packed Parquet parts -> stacked decoded arrays."""
+
+    def __init__(self, prepared: PreparedData, indices: dict[str, int]) -> None:
+        self.info = prepared.info
+        self.options = prepared.settings.load_options()
+        self.sar_db = prepared.settings.sar_db
+        self.indices = indices
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        samples = []
+        for i in range(len(batch["tile_id"])):
+            row = {column: batch[column][i] for column in batch}
+            arrays = decode_row(row, self.info, self.options)
+            arrays["sar"] = convert_sar(arrays["sar"], self.info.sar_bands, self.sar_db)
+            arrays["sar_valid"] = (arrays["sar_valid"] & np.isfinite(arrays["sar"]).all(axis=0)).astype(np.uint8)
+            arrays["optical_valid"] = (arrays["optical_valid"] & np.isfinite(arrays["optical"]).all(axis=0)).astype(np.uint8)
+            arrays["label"] = np.int64(row["scene_label"])
+            arrays["index"] = np.int64(self.indices[str(row["tile_id"])])
+            samples.append(arrays)
+        return stack(samples)
+
+
+def _read_packed(prepared: PreparedData, split: str, records: list[dict[str, Any]]) -> ray.data.Dataset:
+    """Whole Parquet parts of a packed store, read in parallel (object-store friendly)."""
+    root = prepared.manifest.data_root
+    parts = sorted({record["sar_path"] for record in records})
+    wanted = {record["tile_id"]: record["index"] for record in records}
+    dataset = ray.data.read_parquet([str(root / part) for part in parts])
+    if len(wanted) < sum(1 for r in prepared.manifest.records if r["sar_path"] in parts):
+        keep = set(wanted)
+        dataset = dataset.filter(lambda row: row["tile_id"] in keep)
+    return dataset.map_batches(_DecodePackedBatch, fn_constructor_args=(prepared, wanted), batch_size=16, concurrency=(1, 4))
 
 
 def _scalar(value: Any) -> Any:
@@ -91,8 +128,11 @@ def build_dataset(prepared: PreparedData, split: str, *, train: bool | None = No
         raise ValueError(f"split {split!r} of {prepared.info.name!r} is empty")
     blocks = prepared.settings.blocks or min(_MAX_BLOCKS, max(1, len(records) // 4))
     decode_batch = max(1, min(16, len(records) // blocks))
-    dataset = ray.data.from_items(records, override_num_blocks=min(blocks, len(records)))
-    dataset = dataset.map_batches(_DecodeBatch, fn_constructor_args=(prepared,), batch_size=decode_batch, concurrency=(1, 4))
+    if prepared.info.reader == PACKED_READER:
+        dataset = _read_packed(prepared, split, records)
+    else:
+        dataset = ray.data.from_items(records, override_num_blocks=min(blocks, len(records)))
+        dataset = dataset.map_batches(_DecodeBatch, fn_constructor_args=(prepared,), batch_size=decode_batch, concurrency=(1, 4))
     if should_cache(prepared, len(records)) if cache is None else cache:
         dataset = dataset.materialize()
     if train:

@@ -114,8 +114,17 @@ def plan_run(config: ExperimentConfig, inputs: dict[str, Any] | None = None) -> 
     return plan, prepared
 
 
-def make_trainer(config: ExperimentConfig, plan: WorkerPlan, prepared: PreparedData, callbacks: list[Any] | None = None) -> TorchTrainer:
-    """The TorchTrainer of one run (used directly by runs and inside Tune trials)."""
+def make_trainer(
+    config: ExperimentConfig,
+    plan: WorkerPlan,
+    prepared: PreparedData,
+    callbacks: list[Any] | None = None,
+    datasets: dict[str, Any] | None = None,
+) -> TorchTrainer:
+    """The TorchTrainer of one run (used directly by runs and inside Tune trials).
+
+    ``datasets`` replaces the Ray Data pipeline (benchmarks feed pre-made tensors).
+    """
     scaling = config.scaling
     resources: dict[str, float] = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -130,7 +139,7 @@ def make_trainer(config: ExperimentConfig, plan: WorkerPlan, prepared: PreparedD
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
         ),
-        datasets=build_datasets(prepared, plan.splits),
+        datasets=datasets if datasets is not None else build_datasets(prepared, plan.splits),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
             name=leaf,

@@ -109,5 +109,6 @@ def detect_reader(root: str | Path) -> type[Reader]:
 
 
 def _import_builtin_readers() -> None:
-    # Importing the package registers every built-in reader.
+    # Importing the package registers every built-in reader; the packed store registers its own.
     import xmodal.data.readers  # noqa: F401
+    import xmodal.data.store  # noqa: F401

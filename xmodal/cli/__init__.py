@@ -1,0 +1,1 @@
+"""Command-line interface: ``xmodal data|train|run|demo|bench|report|sweep``."""

@@ -1,0 +1,239 @@
+"""The ``xmodal`` command.
+
+Every user error (bad config, missing file, corrupt data) is printed as one line naming the
+file, field or value and what was expected, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from xmodal.errors import XmodalError
+
+
+def _key_values(items: list[str]) -> dict[str, Any]:
+    from xmodal.engine.config import parse_overrides
+
+    return parse_overrides(items)
+
+
+# ----------------------------------------------------------------------------- data commands
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from xmodal.data.build import synthesize
+
+    world = _key_values(args.set)
+    for key in ("seed", "regions", "scenes_per_region", "tile_size", "optical_bands"):
+        value = getattr(args, key)
+        if value is not None:
+            world[key] = value
+    manifest = synthesize(
+        args.out, world, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+        test_regions=args.test_regions, split_seed=args.split_seed,
+    )
+    counts = {s: len(manifest.split(s)) for s in ("train", "val", "test")}
+    print(f"wrote {len(manifest)} scenes to {args.out}: {counts} (statistics in {args.out}/stats.json)")
+
+
+def cmd_data_stats(args: argparse.Namespace) -> None:
+    from xmodal.data.manifest import Manifest
+    from xmodal.data.prepared import write_stats
+
+    manifest = Manifest.load(args.root)
+    stats = write_stats(manifest, sar_db=not args.no_sar_db, max_tiles=args.max_tiles)
+    print(f"statistics of {stats.tiles} training tiles written to {Path(args.root) / 'stats.json'}")
+    for modality in ("sar", "optical"):
+        for band in getattr(stats, modality):
+            print(f"  {modality:8s} {band.name:8s} {band.unit:18s} mean {band.mean:10.4f}  std {band.std:9.4f}  valid {band.valid_fraction:.3f}")
+
+
+def cmd_data_split(args: argparse.Namespace) -> None:
+    from xmodal.data.manifest import Manifest
+    from xmodal.data.splits import check_no_leakage, split_by_blocks, split_by_region
+
+    manifest = Manifest.load(args.root)
+    if args.by == "region":
+        records = split_by_region(
+            manifest.records, test_regions=args.test_regions, val_regions=args.val_regions,
+            val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+        )
+    else:
+        if args.block_size is None:
+            raise XmodalError("--block-size is required with --by blocks (in CRS units, e.g. metres)")
+        records = split_by_blocks(
+            manifest.records, block_size=args.block_size, val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction, seed=args.seed,
+        )
+    check_no_leakage(records)
+    manifest.with_records(records).save(args.root)
+    counts = {s: sum(r["split"] == s for r in records) for s in ("train", "val", "test")}
+    print(f"split {args.root} by {args.by}: {counts}; recompute statistics with `xmodal data stats {args.root}`")
+
+
+def cmd_data_index(args: argparse.Namespace) -> None:
+    from xmodal.data.prepared import write_stats
+    from xmodal.data.readers import detect_reader, get_reader
+    from xmodal.data.splits import check_no_leakage
+
+    reader = get_reader(args.reader) if args.reader else detect_reader(args.root)
+    result = reader.index(Path(args.root), **_key_values(args.option))
+    check_no_leakage(result.manifest.records)
+    result.manifest.save(args.out)
+    for skipped in result.skipped:
+        print(f"  skipped {skipped.item}: {skipped.reason}")
+    counts = {s: len(result.manifest.split(s)) for s in ("train", "val", "test")}
+    print(f"{reader.name}: {len(result.manifest)} pairs {counts}, {len(result.skipped)} skipped; manifest in {args.out}")
+    if result.manifest.split("train") and not args.no_stats:
+        write_stats(result.manifest)
+        print(f"statistics written to {Path(args.out) / 'stats.json'}")
+
+
+def cmd_data_pack(args: argparse.Namespace) -> None:
+    from xmodal.data.manifest import Manifest
+    from xmodal.data.store import pack
+
+    packed = pack(Manifest.load(args.root), args.out, rows_per_file=args.rows_per_file)
+    parts = sorted({r["sar_path"] for r in packed.records})
+    print(f"packed {len(packed)} tiles into {len(parts)} Parquet part(s) under {args.out}")
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> None:
+    from xmodal.data.inspect import format_inspection, inspect_dataset
+
+    report = inspect_dataset(args.path, max_tiles=args.max_tiles)
+    print(json.dumps(report, indent=2, default=str) if args.json else format_inspection(report))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from xmodal.engine.config import load_config
+    from xmodal.engine.runner import run_experiment
+
+    config = load_config(args.config, args.overrides)
+    results = run_experiment(config, only_phases=args.phase or None)
+    for result in results:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k.startswith("test/") and isinstance(v, float))
+        print(f"{result.name}: {shown}\n  results: {result.results_dir}\n  checkpoint: {result.checkpoint}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from xmodal.cli.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from xmodal.engine import bench
+
+    runner: Callable[..., dict[str, Any]] = {"data": bench.bench_data, "train": bench.bench_train}[args.what]
+    figures = runner(data_root=args.data, tiles=args.tiles, epochs=args.epochs)
+    print(json.dumps(figures, indent=2) if args.json else bench.format_figures(figures))
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xmodal", description="Cross-modal optical -> SAR training on Ray")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="make, split, index, pack and inspect datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+
+    synth = data_commands.add_parser("synth", help="generate the synthetic paired SAR/optical world")
+    synth.add_argument("out", help="folder to write")
+    synth.add_argument("--seed", type=int)
+    synth.add_argument("--regions", type=int)
+    synth.add_argument("--scenes-per-region", type=int)
+    synth.add_argument("--tile-size", type=int)
+    synth.add_argument("--optical-bands", choices=["rgbn", "s2"])
+    synth.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="any other world setting")
+    synth.add_argument("--val-fraction", type=float, default=0.15)
+    synth.add_argument("--test-fraction", type=float, default=0.2)
+    synth.add_argument("--test-regions", nargs="*")
+    synth.add_argument("--split-seed", type=int, default=0)
+    synth.set_defaults(func=cmd_data_synth)
+
+    stats = data_commands.add_parser("stats", help="compute per-band statistics of the training split")
+    stats.add_argument("root")
+    stats.add_argument("--no-sar-db", action="store_true", help="normalise SAR in its stored unit")
+    stats.add_argument("--max-tiles", type=int, default=2000)
+    stats.set_defaults(func=cmd_data_stats)
+
+    split = data_commands.add_parser("split", help="assign geographic splits (refuses overlapping train/test)")
+    split.add_argument("root")
+    split.add_argument("--by", choices=["region", "blocks"], default="region")
+    split.add_argument("--block-size", type=float)
+    split.add_argument("--val-fraction", type=float, default=0.15)
+    split.add_argument("--test-fraction", type=float, default=0.2)
+    split.add_argument("--test-regions", nargs="*")
+    split.add_argument("--val-regions", nargs="*")
+    split.add_argument("--seed", type=int, default=0)
+    split.set_defaults(func=cmd_data_split)
+
+    index = data_commands.add_parser("index", help="index a dataset in its own layout into a manifest")
+    index.add_argument("root")
+    index.add_argument("--out", required=True)
+    index.add_argument("--reader", help="reader name (default: detect)")
+    index.add_argument("--option", nargs="*", default=[], metavar="KEY=VALUE", help="reader options")
+    index.add_argument("--no-stats", action="store_true")
+    index.set_defaults(func=cmd_data_index)
+
+    pack_cmd = data_commands.add_parser("pack", help="pack decoded tiles into Parquet parts")
+    pack_cmd.add_argument("root")
+    pack_cmd.add_argument("--out", required=True)
+    pack_cmd.add_argument("--rows-per-file", type=int, default=256)
+    pack_cmd.set_defaults(func=cmd_data_pack)
+
+    inspect = data_commands.add_parser("inspect", help="recognise a dataset layout and summarise it")
+    inspect.add_argument("path")
+    inspect.add_argument("--max-tiles", type=int, default=50)
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(func=cmd_data_inspect)
+
+    for name, help_text in (("train", "train a config (runs its phases, if any)"), ("run", "same as train: run a config's phase chain")):
+        train = commands.add_parser(name, help=help_text)
+        train.add_argument("config")
+        train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+        train.add_argument("--phase", action="append", help="run only this phase (repeatable)")
+        train.set_defaults(func=cmd_train)
+
+    demo = commands.add_parser("demo", help="synthetic world + optical and SAR baselines on local Ray")
+    demo.add_argument("--out", default="demo-out")
+    demo.add_argument("--quick", action="store_true", help="a much smaller world and fewer epochs (smoke test)")
+    demo.set_defaults(func=cmd_demo)
+
+    bench = commands.add_parser("bench", help="print throughput figures")
+    bench.add_argument("what", choices=["data", "train"])
+    bench.add_argument("--data", help="prepared dataset folder (default: a generated world)")
+    bench.add_argument("--tiles", type=int, default=256)
+    bench.add_argument("--epochs", type=int, default=3)
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=cmd_bench)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except XmodalError as exc:
+        print(f"xmodal: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("xmodal: interrupted; finished checkpoints are kept, relaunch the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
