@@ -103,14 +103,14 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
     if unknown:
         key = unknown[0]
         close = difflib.get_close_matches(key, list(fields), n=1)
-        hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; known keys: {sorted(fields)}"
-        raise ConfigError(f"unknown key {prefix}{key!r}{hint}")
+        hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {sorted(fields)}"
+        raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
     kwargs = {}
     for name, field in fields.items():
         if name in data:
             kwargs[name] = _convert(data[name], hints[name], f"{prefix}{name}")
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required key {prefix}{name!r}")
+            raise ConfigError(f"missing required key '{prefix}{name}'")
     try:
         return cls(**kwargs)
     except ConfigError as exc:
