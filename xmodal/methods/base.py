@@ -27,15 +27,16 @@ class ModelSettings:
 
     Attributes:
         arch: Segmentation architecture (``unet``, ``deeplabv3plus``, ``pspnet``, ``fpn``, ``segnet``...).
-        encoder: smp or timm (``tu-<name>``) encoder.
-        encoder_depth: Number of encoder stages.
+        encoder: smp or timm (``tu-<name>``) encoder (``None``: the architecture's default).
+        encoder_depth: Number of encoder stages (``None``: the architecture's default, e.g. 3 for
+            PSPNet, 5 otherwise).
         decoder_channels: Decoder widths where the architecture takes them (Unet family).
         kwargs: Extra keyword arguments for the architecture.
     """
 
     arch: str = "unet"
-    encoder: str = "resnet18"
-    encoder_depth: int = 5
+    encoder: str | None = "resnet18"
+    encoder_depth: int | None = None
     decoder_channels: list[int] | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 

@@ -24,7 +24,9 @@ EXPORTS_DIR = "exports"
 def build_network(model: ModelSettings, in_channels: int, classes: int, classification: bool = False) -> nn.Module:
     """A randomly initialised network from architecture settings."""
     if classification:
-        return create_classifier(model.encoder, in_channels=in_channels, num_classes=classes, encoder_depth=model.encoder_depth)
+        return create_classifier(
+            model.encoder or "resnet18", in_channels=in_channels, num_classes=classes, encoder_depth=model.encoder_depth or 5
+        )
     return create_model(
         model.arch,
         encoder=model.encoder,
