@@ -16,7 +16,7 @@ from xmodal.data.manifest import DatasetInfo, LabelLayer, Manifest, make_record
 CRS = "EPSG:32631"
 
 # A world small enough for CI yet with train/val/test regions and real physics.
-TINY_WORLD = {"seed": 3, "regions": 3, "scenes_per_region": 6, "tile_size": 64}
+TINY_WORLD = {"seed": 3, "regions": 4, "scenes_per_region": 10, "tile_size": 64}
 
 
 def write_native_tile(
@@ -89,7 +89,7 @@ def hand_dataset(tmp_path: Path) -> Manifest:
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A generated synthetic world (3 regions x 6 scenes of 64 px), split and with statistics."""
+    """A generated synthetic world (4 regions x 10 scenes of 64 px: 2 train, 1 val, 1 test region)."""
     from xmodal.data.build import synthesize
 
     root = tmp_path_factory.mktemp("world")

@@ -37,8 +37,10 @@ def split_by_region(
 ) -> list[dict[str, Any]]:
     """Assign whole regions to train / val / test.
 
-    Named regions go where they are named; other regions are drawn deterministically from ``seed``
-    so that about ``val_fraction`` / ``test_fraction`` of the regions land in val / test.
+    Named regions go where they are named (the others to train). Otherwise regions are ranked by
+    a deterministic draw from ``seed``; the first ``round(test_fraction * n)`` go to test and the
+    next ``round(val_fraction * n)`` to val (at least one each when there are 3 or more regions,
+    and a fraction of 0 keeps that split empty); the rest train.
     """
     _check_fractions(val_fraction, test_fraction)
     regions = sorted({r["region"] for r in records})
@@ -47,23 +49,16 @@ def split_by_region(
     if unknown:
         raise ConfigError(f"split regions {sorted(unknown)} are not in the data; regions present: {regions}")
     assignment: dict[str, str] = {}
-    for region in regions:
-        if region in test_named:
-            assignment[region] = "test"
-        elif region in val_named:
-            assignment[region] = "val"
-        elif test_regions is None and val_regions is None:
-            draw = _stable_fraction(region, seed)
-            assignment[region] = "test" if draw < test_fraction else "val" if draw < test_fraction + val_fraction else "train"
-        else:
-            assignment[region] = "train"
-    # With few regions the draw can leave a split empty; move one region into each empty split.
-    if test_regions is None and val_regions is None and len(regions) >= 3:
-        ranked = sorted(regions, key=lambda reg: _stable_fraction(reg, seed))
-        for split in ("test", "val"):
-            if split not in assignment.values():
-                donor = next(reg for reg in ranked if assignment[reg] == "train" and list(assignment.values()).count("train") > 1)
-                assignment[donor] = split
+    if test_regions is not None or val_regions is not None:
+        for region in regions:
+            assignment[region] = "test" if region in test_named else "val" if region in val_named else "train"
+    else:
+        ranked = sorted(regions, key=lambda region: _stable_fraction(region, seed))
+        minimum = 1 if len(regions) >= 3 else 0
+        n_test = max(minimum if test_fraction > 0 else 0, round(test_fraction * len(regions)))
+        n_val = max(minimum if val_fraction > 0 else 0, round(val_fraction * len(regions)))
+        for position, region in enumerate(ranked):
+            assignment[region] = "test" if position < n_test else "val" if position < n_test + n_val else "train"
     return [{**r, "split": assignment[r["region"]]} for r in records]
 
 
