@@ -104,6 +104,16 @@ def _batches(split: str, batch_size: int, device: torch.device, shuffle_buffer: 
     )
 
 
+def prepare_module(module: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
+    """Move to this worker's device and wrap in DDP when there are several workers.
+
+    Methods whose loss leaves some trainable parameters without a gradient in a step (e.g. a
+    reconstruction loss on encoder layers only) pass ``find_unused_parameters=True``.
+    """
+    kwargs = {"find_unused_parameters": True} if find_unused_parameters else None
+    return ray.train.torch.prepare_model(module, parallel_strategy_kwargs=kwargs)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """Body of every Ray Train worker."""
     plan: WorkerPlan = loop_config["plan"]
@@ -126,7 +136,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             device=device,
             rank=rank,
             world_size=world,
-            prepare_module=ray.train.torch.prepare_model,
+            prepare_module=prepare_module,
             steps_per_epoch=steps_per_epoch,
             inputs=_local_inputs(plan.inputs, scratch),
             log=log,

@@ -101,7 +101,9 @@ class MethodContext:
         device: Where tensors live on this worker.
         rank: This worker's rank; world_size: number of workers.
         prepare_module: Moves a module to ``device`` and wraps it for data-parallel training
-            (DDP when world_size > 1). Call it on every module that is trained.
+            (DDP when world_size > 1). Call it on every module that is trained; pass
+            ``find_unused_parameters=True`` when a step's loss may leave trainable parameters
+            without a gradient.
         steps_per_epoch: Optimiser steps per epoch on this worker (for schedules).
         inputs: Checkpoint folders handed over by earlier phases or the config, by name.
         log: Prints a line (rank 0 only).
@@ -110,7 +112,7 @@ class MethodContext:
     device: torch.device
     rank: int
     world_size: int
-    prepare_module: Callable[[nn.Module], nn.Module]
+    prepare_module: Callable[..., nn.Module]
     steps_per_epoch: int
     inputs: dict[str, Path] = field(default_factory=dict)
     log: Callable[[str], None] = print

@@ -416,6 +416,7 @@ def create_model(
         decoder_channels=channels,
         **kwargs,
     )
+    freeze_unused_parameters(model, in_channels, 128 if spec.name == "pan" else max(64, 2 ** (depth + 1)))
     model.xmodal_config = {
         "arch": spec.name,
         "encoder": encoder,
@@ -426,6 +427,33 @@ def create_model(
         **kwargs,
     }
     return model
+
+
+def freeze_unused_parameters(model: nn.Module, in_channels: int, size: int) -> list[str]:
+    """Turn off gradients of parameters the forward pass never reaches; return their names.
+
+    smp keeps every stage of an encoder even when ``encoder_depth`` uses fewer (a depth-3
+    ResNet still holds layer3 and layer4). Such parameters never receive a gradient, which
+    DistributedDataParallel refuses ("parameters that were not used in producing loss") and which
+    would make optimisers carry dead weights. One probe pass in eval mode (BatchNorm statistics
+    untouched) finds them.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            output = model(torch.zeros(2, in_channels, size, size))
+            output.float().sum().backward()
+    except (RuntimeError, ValueError):
+        return []  # a size the probe cannot pass: leave every parameter trainable
+    finally:
+        model.train(was_training)
+    unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for name, parameter in model.named_parameters():
+        parameter.grad = None
+        if name in unused:
+            parameter.requires_grad_(False)
+    return unused
 
 
 def create_classifier(
@@ -480,6 +508,7 @@ def create_classifier(
             f"cannot build encoder={encoder!r} with encoder_depth={encoder_depth}: {type(error).__name__}: {error}"
         ) from error
     model = EncoderClassifier(encoder_module, num_classes, pooling=pooling, dropout=dropout)
+    freeze_unused_parameters(model, in_channels, max(32, 2 ** (encoder_depth + 1)))
     model.xmodal_config = {
         "arch": "classifier",
         "encoder": encoder,
