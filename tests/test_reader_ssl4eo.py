@@ -145,7 +145,7 @@ def test_nodata_masked(indexed) -> None:
 
 def test_dynamic_world_labels(indexed) -> None:
     info = indexed.manifest.info
-    assert info.layers["dynamic_world"].classes == DYNAMIC_WORLD_CLASSES
+    assert info.layers["dynamic_world"].classes == list(DYNAMIC_WORLD_CLASSES)
     sample = _load(indexed, "0000001_s1")
     known = sample.mask[sample.mask != IGNORE_INDEX]
     assert known.size > 0.5 * sample.mask.size and known.min() >= 0 and known.max() <= 8

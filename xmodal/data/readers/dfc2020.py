@@ -66,7 +66,7 @@ from xmodal.data.readers.sen12ms import (
     s2_band_set,
     seeded_fraction,
 )
-from xmodal.data.readers.ssl4eo import DYNAMIC_WORLD_CLASSES
+from xmodal.data.classes import DYNAMIC_WORLD_CLASSES
 from xmodal.data.sample import IGNORE_INDEX, PairedSample
 from xmodal.data.splits import find_leaks
 from xmodal.errors import ConfigError, DataError

@@ -77,21 +77,11 @@ from xmodal.data.readers.sen12ms import (
     s2_band_set,
     to_crs,
 )
+from xmodal.data.classes import DYNAMIC_WORLD_CLASSES
 from xmodal.data.sample import IGNORE_INDEX, PairedSample
 from xmodal.data.splits import find_leaks, split_by_blocks
 from xmodal.errors import ConfigError, DataError
 
-DYNAMIC_WORLD_CLASSES = [
-    "water",
-    "trees",
-    "grass",
-    "flooded_vegetation",
-    "crops",
-    "shrub_and_scrub",
-    "built",
-    "bare",
-    "snow_and_ice",
-]
 DW_LAYER = "dynamic_world"
 OPTICAL_PRODUCTS = {"s2c": "L1C", "s2a": "L2A"}
 REFERENCE_BAND = "B02"  # its 10 m grid is the grid of every loaded sample

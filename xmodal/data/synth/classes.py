@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
+from xmodal.data.classes import DYNAMIC_WORLD_CLASSES
+
 # Dynamic World land-cover classes, index = stored value of the ``landcover`` layers.
-LANDCOVER_CLASSES: tuple[str, ...] = (
-    "water",
-    "trees",
-    "grass",
-    "flooded_vegetation",
-    "crops",
-    "shrub_and_scrub",
-    "built",
-    "bare",
-    "snow_and_ice",
-)
+LANDCOVER_CLASSES: tuple[str, ...] = DYNAMIC_WORLD_CLASSES
 WATER, TREES, GRASS, FLOODED, CROPS, SHRUB, BUILT, BARE, SNOW = range(len(LANDCOVER_CLASSES))
 VEGETATION_CLASSES = (TREES, GRASS, FLOODED, CROPS, SHRUB)
 
