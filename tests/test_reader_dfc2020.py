@@ -110,7 +110,7 @@ def test_without_geometry_groups_by_patch_numbers(fixture_root: Path) -> None:
 def test_load_and_label_layers(indexed, fixture_root: Path) -> None:
     info = indexed.manifest.info
     assert info.sar_bands.units == ["dB", "dB"] and len(info.optical_bands) == 13
-    assert info.layers["dfc_dw"].classes == DYNAMIC_WORLD_CLASSES
+    assert info.layers["dfc_dw"].classes == list(DYNAMIC_WORLD_CLASSES)
     sample = _load(indexed, "ROIs0000_test_0_p5")
     assert sample.sar.dtype == np.float32 and sample.sar.shape == (2, SIZE, SIZE)  # float64 on disk
     assert sample.optical.dtype == np.float32 and sample.optical.shape == (13, SIZE, SIZE)
