@@ -102,8 +102,10 @@ def ray_local():
     """One local Ray for the whole session (starting Ray costs seconds each time)."""
     import ray
 
+    from xmodal.engine.runner import quiet_ray_data
+
     if not ray.is_initialized():
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        quiet_ray_data()
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, logging_level="error")
     yield ray
     ray.shutdown()

@@ -27,56 +27,41 @@ _CACHE_SHARE = 0.3
 _MAX_BLOCKS = 64
 
 
-class _DecodeBatch:
-    """map_batches callable: a batch of manifest records -> stacked decoded arrays."""
-
-    def __init__(self, prepared: PreparedData) -> None:
-        self.decoder = Decoder(
-            prepared.info, prepared.manifest.data_root, prepared.settings.load_options(), prepared.settings.sar_db
-        )
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        columns = list(batch)
-        count = len(batch[columns[0]])
-        records = [{column: _scalar(batch[column][i]) for column in columns} for i in range(count)]
-        return stack([self.decoder(record) for record in records])
+# The map stages are stateless tasks, not actor pools: building a Decoder or Preparer is cheap,
+# while an actor pool is started again at every epoch and holds CPUs the Train workers need.
 
 
-class _PrepareBatch:
-    """map_batches callable: decoded arrays -> prepared arrays (augmented when training)."""
-
-    def __init__(self, prepared: PreparedData, train: bool) -> None:
-        settings = prepared.settings
-        self.preparer = Preparer(
-            prepared.info, prepared.stats, settings.tile_size, settings.augment if train else None, settings.clip_sigma
-        )
-        self.rng = np.random.default_rng()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return stack([self.preparer(sample, self.rng) for sample in unstack(batch)])
+def _decode_batch(batch: dict[str, np.ndarray], prepared: PreparedData) -> dict[str, np.ndarray]:
+    """A batch of manifest records -> stacked decoded arrays."""
+    decoder = Decoder(prepared.info, prepared.manifest.data_root, prepared.settings.load_options(), prepared.settings.sar_db)
+    columns = list(batch)
+    count = len(batch[columns[0]])
+    records = [{column: _scalar(batch[column][i]) for column in columns} for i in range(count)]
+    return stack([decoder(record) for record in records])
 
 
-class _DecodePackedBatch:
-    """map_batches callable: rows of packed Parquet parts -> stacked decoded arrays."""
+def _prepare_batch(batch: dict[str, np.ndarray], prepared: PreparedData, train: bool) -> dict[str, np.ndarray]:
+    """Decoded arrays -> prepared arrays (augmented when training)."""
+    settings = prepared.settings
+    preparer = Preparer(prepared.info, prepared.stats, settings.tile_size, settings.augment if train else None, settings.clip_sigma)
+    rng = np.random.default_rng()
+    return stack([preparer(sample, rng) for sample in unstack(batch)])
 
-    def __init__(self, prepared: PreparedData, indices: dict[str, int]) -> None:
-        self.info = prepared.info
-        self.options = prepared.settings.load_options()
-        self.sar_db = prepared.settings.sar_db
-        self.indices = indices
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        samples = []
-        for i in range(len(batch["tile_id"])):
-            row = {column: batch[column][i] for column in batch}
-            arrays = decode_row(row, self.info, self.options)
-            arrays["sar"] = convert_sar(arrays["sar"], self.info.sar_bands, self.sar_db)
-            arrays["sar_valid"] = (arrays["sar_valid"] & np.isfinite(arrays["sar"]).all(axis=0)).astype(np.uint8)
-            arrays["optical_valid"] = (arrays["optical_valid"] & np.isfinite(arrays["optical"]).all(axis=0)).astype(np.uint8)
-            arrays["label"] = np.int64(row["scene_label"])
-            arrays["index"] = np.int64(self.indices[str(row["tile_id"])])
-            samples.append(arrays)
-        return stack(samples)
+def _decode_packed_batch(batch: dict[str, np.ndarray], prepared: PreparedData, indices: dict[str, int]) -> dict[str, np.ndarray]:
+    """Rows of packed Parquet parts -> stacked decoded arrays."""
+    info, options, sar_db = prepared.info, prepared.settings.load_options(), prepared.settings.sar_db
+    samples = []
+    for i in range(len(batch["tile_id"])):
+        row = {column: batch[column][i] for column in batch}
+        arrays = decode_row(row, info, options)
+        arrays["sar"] = convert_sar(arrays["sar"], info.sar_bands, sar_db)
+        arrays["sar_valid"] = (arrays["sar_valid"] & np.isfinite(arrays["sar"]).all(axis=0)).astype(np.uint8)
+        arrays["optical_valid"] = (arrays["optical_valid"] & np.isfinite(arrays["optical"]).all(axis=0)).astype(np.uint8)
+        arrays["label"] = np.int64(row["scene_label"])
+        arrays["index"] = np.int64(indices[str(row["tile_id"])])
+        samples.append(arrays)
+    return stack(samples)
 
 
 def _read_packed(prepared: PreparedData, split: str, records: list[dict[str, Any]]) -> ray.data.Dataset:
@@ -88,7 +73,7 @@ def _read_packed(prepared: PreparedData, split: str, records: list[dict[str, Any
     if len(wanted) < sum(1 for r in prepared.manifest.records if r["sar_path"] in parts):
         keep = set(wanted)
         dataset = dataset.filter(lambda row: row["tile_id"] in keep)
-    return dataset.map_batches(_DecodePackedBatch, fn_constructor_args=(prepared, wanted), batch_size=16, concurrency=(1, 4))
+    return dataset.map_batches(_decode_packed_batch, fn_kwargs={"prepared": prepared, "indices": wanted}, batch_size=16)
 
 
 def _scalar(value: Any) -> Any:
@@ -132,12 +117,12 @@ def build_dataset(prepared: PreparedData, split: str, *, train: bool | None = No
         dataset = _read_packed(prepared, split, records)
     else:
         dataset = ray.data.from_items(records, override_num_blocks=min(blocks, len(records)))
-        dataset = dataset.map_batches(_DecodeBatch, fn_constructor_args=(prepared,), batch_size=decode_batch, concurrency=(1, 4))
+        dataset = dataset.map_batches(_decode_batch, fn_kwargs={"prepared": prepared}, batch_size=decode_batch)
     if should_cache(prepared, len(records)) if cache is None else cache:
         dataset = dataset.materialize()
     if train:
         dataset = dataset.randomize_block_order()
-    return dataset.map_batches(_PrepareBatch, fn_constructor_args=(prepared, train), batch_size=decode_batch, concurrency=(1, 4))
+    return dataset.map_batches(_prepare_batch, fn_kwargs={"prepared": prepared, "train": train}, batch_size=decode_batch)
 
 
 def build_datasets(prepared: PreparedData, splits: tuple[str, ...] = ("train", "val")) -> dict[str, ray.data.Dataset]:

@@ -42,13 +42,16 @@ def _bench_data_root(data_root: str | None, tiles: int) -> str:
     return str(root)
 
 
-def _init_ray(extra_cpus: int) -> None:
+def _init_ray() -> bool:
+    """Start a local Ray unless one is running; True when this call started it."""
+    from xmodal.engine.runner import quiet_ray_data
+
+    quiet_ray_data()
     if ray.is_initialized():
-        ray.shutdown()
-    cores = os.cpu_count() or 1
-    ray.data.DataContext.get_current().enable_progress_bars = False
+        return False
     # The Train worker reserves one logical CPU; the data pipeline keeps every core's budget.
-    ray.init(num_cpus=cores + extra_cpus, include_dashboard=False, logging_level="error")
+    ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, logging_level="error")
+    return True
 
 
 def _rates(tiles: list[int], seconds: list[float]) -> dict[str, float]:
@@ -97,8 +100,8 @@ def bench_data(data_root: str | None = None, tiles: int = 256, epochs: int = 3, 
     figures["dataloader"] = {"num_workers": cores, **_rates(counts, seconds)}
     del loader
 
+    started_ray = _init_ray()
     for label, cache in (("ray_data_streaming", False), ("ray_data_cached", True)):
-        _init_ray(extra_cpus=1)
         dataset = build_dataset(prepared, "train", cache=cache)
         trainer = TorchTrainer(
             _consume_loop,
@@ -109,6 +112,7 @@ def bench_data(data_root: str | None = None, tiles: int = 256, epochs: int = 3, 
         )
         per_epoch = trainer.fit().return_value
         figures[label] = _rates([c for c, _ in per_epoch], [s for _, s in per_epoch])
+    if started_ray:
         ray.shutdown()
     base = figures["dataloader"]["steady"]
     for label in ("ray_data_streaming", "ray_data_cached"):
@@ -164,7 +168,7 @@ def bench_train(data_root: str | None = None, tiles: int = 96, epochs: int = 3, 
         epoch_seconds.append(time.perf_counter() - started)
     plain = statistics.median(epoch_seconds[1:] or epoch_seconds) / steps
 
-    _init_ray(extra_cpus=1)
+    started_ray = _init_ray()
     plan, prepared = plan_run(config)
     plan.splits = ("train",)
     plan.train_tiles = len(samples)
@@ -172,7 +176,8 @@ def bench_train(data_root: str | None = None, tiles: int = 96, epochs: int = 3, 
     result = make_trainer(config, plan, prepared, datasets={"train": data}).fit()
     history = result.metrics_dataframe if result.metrics_dataframe is not None else None
     ray_epochs = list(history["epoch_seconds"]) if history is not None and "epoch_seconds" in history else []
-    ray.shutdown()
+    if started_ray:
+        ray.shutdown()
     ray_step = statistics.median(ray_epochs[1:] or ray_epochs) / steps if ray_epochs else float("nan")
     return {
         "model": "unet/resnet18 (slim decoder), SAR input",

@@ -171,7 +171,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         started = time.perf_counter()
         totals: dict[str, float] = {}
         steps = 0
+        waiting = 0.0  # time spent waiting for Ray Data, to tell input-bound from compute-bound epochs
+        fetched = time.perf_counter()
         for batch in _batches("train", batch_size, device, config.data.shuffle_buffer, drop_last=True):
+            waiting += time.perf_counter() - fetched
             logs = method.train_step(batch, global_step)
             steps += 1
             global_step += 1
@@ -180,10 +183,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             if writer is not None and global_step % config.run.log_every == 0:
                 for key, value in logs.items():
                     writer.add_scalar(f"train/{key}", value, global_step)
+            fetched = time.perf_counter()
         train_seconds = time.perf_counter() - started
         metrics: dict[str, float] = {f"train/{k}": v / max(steps, 1) for k, v in totals.items()}
         metrics.update({f"train/{k}": v for k, v in method.end_epoch(epoch).items()})
-        metrics.update(epoch=epoch + 1, step=global_step, epoch_seconds=train_seconds)
+        metrics.update(epoch=epoch + 1, step=global_step, epoch_seconds=train_seconds, data_wait_seconds=waiting)
         metrics["train/tiles_per_s"] = steps * batch_size * world / max(train_seconds, 1e-9)
         is_last = epoch + 1 == epochs
         if rank == 0 and "val" in plan.splits and ((epoch + 1) % config.run.eval_every == 0 or is_last):
@@ -198,7 +202,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         shown = f"  {metric_name} {metrics[metric_name]:.4f}" if metric_name in metrics else ""
         log(
             f"epoch {epoch + 1}/{epochs}  loss {metrics.get('train/loss', float('nan')):.4f}{shown}  "
-            f"{train_seconds:.1f} s  {metrics['train/tiles_per_s']:.1f} tiles/s"
+            f"{train_seconds:.1f} s ({waiting:.1f} s waiting for data)  {metrics['train/tiles_per_s']:.1f} tiles/s"
         )
         with tempfile.TemporaryDirectory() as folder:
             report_checkpoint = None

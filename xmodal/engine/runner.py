@@ -16,17 +16,30 @@ from typing import Any
 
 import ray
 import ray.train
+import torch
 from ray.train.torch import TorchTrainer
 
 from xmodal.data.pipeline import build_datasets
 from xmodal.data.prepared import PreparedData, prepare_data
 from xmodal.engine.config import ExperimentConfig, fingerprint, phase_config
-from xmodal.engine.loop import WorkerPlan, data_spec, train_loop_per_worker
-from xmodal.errors import ConfigError
+from xmodal.engine.loop import STATE_FILE, WorkerPlan, data_spec, train_loop_per_worker
+from xmodal.errors import ConfigError, XmodalError
 from xmodal.methods.evaluation import render_panels
 from xmodal.settings import to_dict
 
 SUMMARY_FILE = "metrics.json"
+
+
+class RunFailedError(XmodalError):
+    """A training run failed after its retries."""
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost error message of a (possibly wrapped) exception."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
 PANELS_FILE = "panels_test.png"
 
 
@@ -61,12 +74,19 @@ def results_dir(config: ExperimentConfig) -> Path:
     return (base / config.name).expanduser().resolve()
 
 
+def quiet_ray_data() -> None:
+    """No progress bars and no DataContext dump per execution in logs (epoch lines say enough)."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
 def ensure_ray(config: ExperimentConfig) -> None:
     """Connect to the configured cluster, or start a local Ray sized to leave CPUs for Ray Data."""
     if ray.is_initialized():
         return
     address = config.run.address or os.environ.get("RAY_ADDRESS")
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_ray_data()
     if address:
         ray.init(address=address, logging_level="warning")
         return
@@ -169,12 +189,48 @@ def summarise(config: ExperimentConfig, outcome: dict[str, Any], checkpoint: str
     }
 
 
+def run_folder(config: ExperimentConfig) -> Path | None:
+    """The Ray Train folder of this run when its storage is local."""
+    if is_remote(config.run.storage):
+        return None
+    return Path(storage_path(config)) / config.name
+
+
+def check_resumable(config: ExperimentConfig) -> None:
+    """Refuse to resume a run of the same name that was trained with another config.
+
+    Ray Train resumes any run launched again under the same storage and name; loading weights of
+    another architecture or method into it would be silently wrong (or crash inside a worker).
+    """
+    folder = run_folder(config)
+    if folder is None or not folder.is_dir():
+        return
+    checkpoints = sorted(folder.glob("checkpoint_*/" + STATE_FILE))
+    if not checkpoints:
+        return
+    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != fingerprint(config):
+        raise ConfigError(
+            f"run {config.name!r} already exists in {folder} with another method, model or data; "
+            "choose another name, or delete that folder to start over"
+        )
+
+
 def run_single(config: ExperimentConfig, inputs: dict[str, Any] | None = None, callbacks: list[Any] | None = None) -> RunResult:
-    """Train one configuration to the end (resuming it if a run of that name exists)."""
+    """Train one configuration to the end (resuming it if a run of that name exists).
+
+    Raises:
+        RunFailedError: The workers failed more often than ``run.max_failures``; the message
+            carries the workers' error, and finished checkpoints stay where they are.
+    """
     started = time.perf_counter()
+    check_resumable(config)
     ensure_ray(config)
     plan, prepared = plan_run(config, inputs)
-    result = make_trainer(config, plan, prepared, callbacks).fit()
+    try:
+        result = make_trainer(config, plan, prepared, callbacks).fit()
+    except ray.train.TrainingFailedError as exc:
+        raise RunFailedError(f"run {config.name!r} failed: {root_cause(exc)}; checkpoints so far are kept in {run_folder(config) or config.run.storage}") from exc
     outcome = result.return_value or {}
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     summary = summarise(config, outcome, checkpoint, time.perf_counter() - started)

@@ -1,0 +1,90 @@
+"""Every CLI command end to end (in-process through ``main``, and the console script once)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xmodal.cli.main import main
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_console_script_runs():
+    done = subprocess.run([sys.executable, "-m", "xmodal.cli.main", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "demo" in done.stdout and "bench" in done.stdout
+
+
+def test_data_commands(tmp_path: Path, capsys):
+    world = tmp_path / "world"
+    code, out, _ = run(["data", "synth", str(world), "--regions", "3", "--scenes-per-region", "3", "--tile-size", "32", "--seed", "5"], capsys)
+    assert code == 0 and "wrote 9 scenes" in out and (world / "stats.json").is_file()
+    code, out, _ = run(["data", "inspect", str(world)], capsys)
+    assert code == 0 and "xmodal" in out
+    code, out, _ = run(["data", "split", str(world), "--by", "blocks", "--block-size", "100000", "--test-fraction", "0.3"], capsys)
+    assert code == 0 and "split" in out
+    code, out, _ = run(["data", "stats", str(world)], capsys)
+    assert code == 0 and "VV" in out and "B08" in out
+    code, out, _ = run(["data", "pack", str(world), "--out", str(tmp_path / "packed")], capsys)
+    assert code == 0 and "packed 9 tiles" in out
+    code, out, _ = run(["data", "inspect", str(tmp_path / "packed"), "--json"], capsys)
+    assert code == 0 and json.loads(out)["reader"] == "packed"
+
+
+def test_index_a_real_layout(tmp_path: Path, capsys):
+    from fixtures.sen12ms import make_sen12ms
+
+    root = make_sen12ms(tmp_path / "sen12ms")
+    code, out, _ = run(["data", "index", str(root), "--out", str(tmp_path / "prepared")], capsys)
+    assert code == 0 and "sen12ms:" in out and (tmp_path / "prepared" / "manifest.parquet").is_file()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("name: x\nmethod: supervised\ntrain:\n  epohcs: 3\n", "unknown key 'train.epohcs'; did you mean 'train.epochs'"),
+        ("name: x\nmethod: supervised\ndata:\n  batch_size: big\n", "data.batch_size: expected an integer"),
+        ("name: x\nmethod: teleport\n", "unknown method 'teleport'"),
+        ("name: x\nmethod: supervised\ndata:\n  root: /nowhere/at/all\n", "data.root /nowhere/at/all: not found"),
+    ],
+)
+def test_bad_configs_fail_cleanly(tmp_path: Path, capsys, content: str, message: str):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    code, _, err = run(["train", str(path)], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_missing_config_and_corrupt_data(tmp_path: Path, capsys):
+    code, _, err = run(["train", str(tmp_path / "none.yaml")], capsys)
+    assert code == 2 and "none.yaml: config file not found" in err
+    code, _, err = run(["data", "stats", str(tmp_path)], capsys)
+    assert code == 2 and "dataset.json" in err
+
+
+@pytest.mark.ray
+def test_demo_quick(tmp_path: Path, capsys):
+    code, out, _ = run(["demo", "--out", str(tmp_path / "demo"), "--quick"], capsys)
+    assert code == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert [r["input"] for r in summary["runs"]] == ["optical", "sar"]
+    assert all("test/iou" in r["metrics"] for r in summary["runs"])
+    assert "optical - SAR test IoU" in out and "sar-buildings" in out
+    assert (tmp_path / "demo" / "runs" / "sar-buildings" / "panels_test.png").is_file()
+
+
+@pytest.mark.ray
+def test_bench_commands_print_their_ratios(tmp_path: Path, capsys):
+    code, out, _ = run(["bench", "data", "--tiles", "16", "--epochs", "2", "--json"], capsys)
+    figures = json.loads(out)
+    assert code == 0 and figures["ray_data_cached"]["ratio_vs_dataloader"] > 0 and figures["raw_decode_tiles_per_s"] > 0
+    code, out, _ = run(["bench", "train", "--tiles", "16", "--epochs", "2"], capsys)
+    assert code == 0 and "ratio" in out and "ms/step" in out

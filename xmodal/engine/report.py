@@ -1,0 +1,383 @@
+"""Run-directory reports: every ``metrics.json`` under a folder, laid out as a method's paper table.
+
+``xmodal report RUN_DIR`` calls :func:`render_run_report`. The engine knows no method's table: a
+method declares one and the report finds it through the method registry, by the ``method`` names
+recorded in the runs' ``metrics.json``:
+
+* ``PAPER_TABLE``: a module-level dict in the method's module (or a class attribute) holding the
+  layout and the paper's numbers::
+
+      {
+          "key": "kd-table2",                      # identifies the table (one table per key)
+          "title": "...",
+          "metric": "test/iou",                    # key in a run's "metrics"
+          "scale": 100.0,                          # ours x scale = the paper's unit (IoU in %)
+          "rows": [{"key": "sar", "label": "SAR", "match": {...}}, ...],
+          "columns": [{"key": "unet-vgg19", "label": "UNet VGG19", "match": {...}}, ...],
+          "paper": {row_key: {column_key: number or None}},
+          "paper_mean_column": True,               # optional: a last column with the paper's row
+                                                   # mean, a reference for models it did not run
+          "notes": ["..."],
+      }
+
+* where each run goes: a classmethod ``report_cell(run, runs) -> (row_key, column_key) | None``
+  on the method class that owns the table; without one, the ``match`` rules of rows and columns
+  decide (``{dotted key in the run: value, list of values, or glob pattern}``; the key ``phase``
+  is the last part of the run name). A run may land in a row or column the paper does not have
+  (another encoder, a label fraction): it is appended, with no paper number.
+
+Several runs in one cell (seeds, relaunches under another name) are averaged; the count is shown.
+Runs no table claims are listed below the tables.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from xmodal.errors import ConfigError
+
+SUMMARY_FILE = "metrics.json"
+REPORT_MARKDOWN = "report.md"
+REPORT_CSV = "report.csv"
+PAPER_MEAN = "paper-mean"
+CSV_FIELDS = ("table", "row", "row_label", "column", "column_label", "ours", "paper", "delta", "n_runs", "runs")
+
+Classifier = Callable[[dict[str, Any], list[dict[str, Any]]], "tuple[str, str] | None"]
+
+
+@dataclass
+class ReportFiles:
+    """What :func:`render_run_report` wrote.
+
+    Attributes:
+        markdown: Path of ``report.md``.
+        csv: Path of ``report.csv`` (one line per table cell, then one per unclaimed run).
+        text: The Markdown text (what is printed).
+        runs: Number of runs found.
+    """
+
+    markdown: Path
+    csv: Path
+    text: str
+    runs: int
+
+
+@dataclass
+class TableCell:
+    """One cell: our runs (averaged) beside the paper's number."""
+
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    ours: float | None = None
+    paper: float | None = None
+
+
+@dataclass
+class FilledTable:
+    """A method's paper table with our runs placed in it."""
+
+    spec: dict[str, Any]
+    rows: list[dict[str, Any]]
+    columns: list[dict[str, Any]]
+    cells: dict[tuple[str, str], TableCell]
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def collect_runs(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every run summary (``metrics.json`` written by the runner) under ``run_dir``, sorted by name.
+
+    Checkpoint folders also hold a ``metrics.json`` (flat per-epoch metrics): only files with the
+    run-summary keys (``name``, ``method``, ``metrics``) count. Each summary gets ``results_dir``
+    (its folder) and ``phase`` (the last part of its name).
+
+    Raises:
+        ConfigError: ``run_dir`` is not a folder.
+    """
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise ConfigError(f"report: run folder {str(root)!r} does not exist")
+    runs = []
+    for path in sorted(root.rglob(SUMMARY_FILE)):
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a file being written, or not ours
+        if not isinstance(summary, dict) or not {"name", "method", "metrics"} <= set(summary):
+            continue
+        summary["results_dir"] = str(path.parent)
+        summary["phase"] = str(summary["name"]).rpartition("/")[2]
+        runs.append(summary)
+    return sorted(runs, key=lambda run: str(run["name"]))
+
+
+def metric_value(run: dict[str, Any], metric: str) -> float | None:
+    """A run's metric (``"test/iou"``), or None when it is missing or not a finite number."""
+    value = (run.get("metrics") or {}).get(metric)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def method_tables() -> Callable[[str], list[tuple[dict[str, Any], Classifier | None]]]:
+    """A lookup: method name -> [(table spec, classifier or None)] the method declares."""
+    from xmodal.methods.base import get_method
+
+    cache: dict[str, list[tuple[dict[str, Any], Classifier | None]]] = {}
+
+    def lookup(name: str) -> list[tuple[dict[str, Any], Classifier | None]]:
+        if name not in cache:
+            try:
+                cls = get_method(name)
+            except ConfigError:
+                cache[name] = []  # a method this installation does not have: list its runs only
+                return cache[name]
+            module = sys.modules.get(cls.__module__)
+            spec = getattr(cls, "PAPER_TABLE", None) or getattr(module, "PAPER_TABLE", None)
+            classifier = getattr(cls, "report_cell", None)
+            cache[name] = [(spec, classifier)] if isinstance(spec, dict) else []
+        return cache[name]
+
+    return lookup
+
+
+def _lookup(run: dict[str, Any], dotted: str) -> Any:
+    value: Any = run
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _matches(run: dict[str, Any], rules: dict[str, Any] | None) -> bool:
+    if not rules:
+        return False
+    for key, wanted in rules.items():
+        value = _lookup(run, key)
+        options = wanted if isinstance(wanted, list) else [wanted]
+        if not any(
+            (isinstance(option, str) and isinstance(value, str) and fnmatch.fnmatchcase(value, option)) or value == option
+            for option in options
+        ):
+            return False
+    return True
+
+
+def match_cell(spec: dict[str, Any], run: dict[str, Any]) -> tuple[str, str] | None:
+    """(row, column) from the ``match`` rules of a table spec, or None."""
+    row = next((r["key"] for r in spec.get("rows", []) if _matches(run, r.get("match"))), None)
+    column = next((c["key"] for c in spec.get("columns", []) if _matches(run, c.get("match"))), None)
+    return (row, column) if row is not None and column is not None else None
+
+
+def fill_table(spec: dict[str, Any], classifier: Classifier | None, runs: list[dict[str, Any]]) -> tuple[FilledTable, set[int]]:
+    """Place runs in a table; returns the table and the indices of the runs it claimed."""
+    rows = [dict(r) for r in spec.get("rows", [])]
+    columns = [dict(c) for c in spec.get("columns", [])]
+    paper = spec.get("paper", {})
+    cells: dict[tuple[str, str], TableCell] = {}
+    claimed: set[int] = set()
+    for index, run in enumerate(runs):
+        place = classifier(run, runs) if classifier is not None else match_cell(spec, run)
+        if place is None:
+            continue
+        row, column = place
+        if row not in {r["key"] for r in rows}:
+            rows.append({"key": row, "label": _extra_label(row, rows)})
+        if column not in {c["key"] for c in columns}:
+            columns.append({"key": column, "label": column})
+        cells.setdefault((row, column), TableCell()).runs.append(run)
+        claimed.add(index)
+    metric, scale = spec.get("metric", "test/iou"), float(spec.get("scale", 1.0))
+    if spec.get("paper_mean_column"):
+        paper_columns = [c["key"] for c in spec.get("columns", [])]
+        columns.append({"key": PAPER_MEAN, "label": f"Paper mean ({len(paper_columns)} models)"})
+        paper = {row: dict(values) for row, values in paper.items()}
+        for values in paper.values():
+            numbers = [values[c] for c in paper_columns if isinstance(values.get(c), (int, float))]
+            values[PAPER_MEAN] = sum(numbers) / len(numbers) if numbers else None
+    for row in rows:
+        for column in columns:
+            cell = cells.setdefault((row["key"], column["key"]), TableCell())
+            values = [v for v in (metric_value(run, metric) for run in cell.runs) if v is not None]
+            cell.ours = sum(values) / len(values) * scale if values else None
+            cell.paper = (paper.get(row["key"]) or {}).get(column["key"])
+    return FilledTable(spec, rows, columns, cells), claimed
+
+
+def _extra_label(row: str, rows: list[dict[str, Any]]) -> str:
+    """Label of a row the paper does not have, e.g. ``int/ft_a@0.05`` -> ``Int+Ft-A (5 % labels)``."""
+    base, _, fraction = row.partition("@")
+    label = next((r["label"] for r in rows if r["key"] == base), base)
+    if fraction:
+        try:
+            label += f" ({float(fraction) * 100:g} % labels)"
+        except ValueError:
+            label += f" ({fraction})"
+    return label
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def _cell_text(cell: TableCell) -> str:
+    ours = _number(cell.ours) or ("n/a" if cell.runs else "-")
+    count = f" (n={len(cell.runs)})" if len(cell.runs) > 1 else ""
+    paper = _number(cell.paper) or "-"
+    return f"{ours}{count} / {paper}"
+
+
+def _markdown_table(header: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(cell.replace("|", "/") for cell in line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def table_markdown(table: FilledTable) -> str:
+    """One table as Markdown: rows x columns, each cell ``ours / paper``."""
+    spec = table.spec
+    used_rows = [r for r in table.rows if any(table.cells[(r["key"], c["key"])].runs for c in table.columns) or r["key"] in spec.get("paper", {})]
+    header = [""] + [c["label"] for c in table.columns]
+    lines = [[r["label"]] + [_cell_text(table.cells[(r["key"], c["key"])]) for c in table.columns] for r in used_rows]
+    parts = [f"## {spec.get('title', spec.get('key', 'table'))}", "", f"Each cell: ours / paper ({spec.get('metric', 'test/iou')} x {spec.get('scale', 1.0):g}; '-' = none).", ""]
+    parts.append(_markdown_table(header, lines))
+    notes = spec.get("notes") or []
+    if notes:
+        parts += [""] + [f"- {note}" for note in notes]
+    return "\n".join(parts)
+
+
+def runs_markdown(runs: list[dict[str, Any]], title: str = "All runs") -> str:
+    """Every run: name, method, model, label fraction, val/test metric and wall time."""
+    header = ["run", "method", "model", "labels", "val/iou", "test/iou", "other test metrics", "wall s"]
+    lines = []
+    for run in runs:
+        model = run.get("model") or {}
+        metrics = run.get("metrics") or {}
+        others = ", ".join(
+            f"{k.split('/', 1)[1]} {v:.3f}"
+            for k, v in sorted(metrics.items())
+            if k.startswith("test/") and k != "test/iou" and isinstance(v, (int, float)) and k.split("/", 1)[1] in ("miou", "accuracy", "loss", "teacher/iou")
+        )
+        fraction = (run.get("data") or {}).get("label_fraction")
+        lines.append(
+            [
+                str(run.get("name")),
+                str(run.get("method")),
+                f"{model.get('arch')} {model.get('encoder')}",
+                "" if fraction is None else f"{fraction:g}",
+                _number(metric_value(run, "val/iou")),
+                _number(metric_value(run, "test/iou")),
+                others,
+                str(run.get("wall_seconds", "")),
+            ]
+        )
+    return f"## {title}\n\n" + _markdown_table(header, lines)
+
+
+def _csv_lines(tables: list[FilledTable], others: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    lines = []
+    for table in tables:
+        for row in table.rows:
+            for column in table.columns:
+                cell = table.cells[(row["key"], column["key"])]
+                if not cell.runs and cell.paper is None:
+                    continue
+                lines.append(
+                    {
+                        "table": table.spec.get("key", table.spec.get("title", "")),
+                        "row": row["key"],
+                        "row_label": row["label"],
+                        "column": column["key"],
+                        "column_label": column["label"],
+                        "ours": _number(cell.ours),
+                        "paper": _number(cell.paper),
+                        "delta": _number(cell.ours - cell.paper) if cell.ours is not None and cell.paper is not None else "",
+                        "n_runs": len(cell.runs),
+                        "runs": ";".join(str(run.get("name")) for run in cell.runs),
+                    }
+                )
+    for run in others:
+        model = run.get("model") or {}
+        value = metric_value(run, "test/iou")
+        lines.append(
+            {
+                "table": "other",
+                "row": run.get("name"),
+                "row_label": run.get("method"),
+                "column": f"{model.get('arch')}:{model.get('encoder')}",
+                "column_label": "test/iou (0-1, unscaled)",
+                "ours": "" if value is None else f"{value:.4f}",
+                "paper": "",
+                "delta": "",
+                "n_runs": 1,
+                "runs": run.get("name"),
+            }
+        )
+    return lines
+
+
+def build_report(runs: list[dict[str, Any]], lookup: Callable[[str], list[tuple[dict[str, Any], Classifier | None]]] | None = None) -> tuple[list[FilledTable], list[dict[str, Any]]]:
+    """The tables the runs' methods declare, filled, and the runs no table claimed."""
+    lookup = lookup or method_tables()
+    declared: dict[str, tuple[dict[str, Any], Classifier | None]] = {}
+    for run in runs:
+        for spec, classifier in lookup(str(run.get("method"))):
+            declared.setdefault(str(spec.get("key", spec.get("title"))), (spec, classifier))
+    tables, claimed = [], set()
+    for spec, classifier in declared.values():
+        table, taken = fill_table(spec, classifier, runs)
+        tables.append(table)
+        claimed |= taken
+    return tables, [run for index, run in enumerate(runs) if index not in claimed]
+
+
+def render_run_report(run_dir: str | Path, out_dir: str | Path | None = None, *, echo: bool = True) -> ReportFiles:
+    """Write ``report.md`` and ``report.csv`` for every run under ``run_dir`` (and print the Markdown).
+
+    Args:
+        run_dir: A run storage folder (e.g. ``runs/kd`` or ``runs/kd/kd-demo``); searched recursively.
+        out_dir: Where to write the two files (default: ``run_dir``).
+        echo: Print the Markdown to stdout.
+
+    Raises:
+        ConfigError: ``run_dir`` does not exist or holds no run summary.
+    """
+    runs = collect_runs(run_dir)
+    if not runs:
+        raise ConfigError(f"report: no run summaries ({SUMMARY_FILE} written at the end of a run) under {run_dir}")
+    tables, others = build_report(runs)
+    sections = [f"# Report of {run_dir}", "", f"{len(runs)} run(s)."]
+    sections += ["", *[table_markdown(table) + "\n" for table in tables]]
+    if others and tables:
+        sections += ["", runs_markdown(others, "Runs outside the paper tables")]
+    sections += ["", runs_markdown(runs)]
+    text = "\n".join(sections).rstrip() + "\n"
+    out = Path(out_dir) if out_dir is not None else Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown_path, csv_path = out / REPORT_MARKDOWN, out / REPORT_CSV
+    markdown_path.write_text(text)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(_csv_lines(tables, others))
+    csv_path.write_text(buffer.getvalue())
+    if echo:
+        print(text, end="")
+    return ReportFiles(markdown=markdown_path, csv=csv_path, text=text, runs=len(runs))

@@ -1,0 +1,618 @@
+"""Sweeps: Ray Tune + Optuna over a method's knobs, each trial one Ray Train run.
+
+``run_sweep`` is what ``xmodal sweep`` calls. Every trial is a Tune *function* trainable that
+builds the trial's experiment config and runs it with :func:`~xmodal.engine.runner.run_single`
+(``TuneReportCallback`` forwards each epoch's metrics to Tune, so Optuna and ASHA see them).
+The trial's Train run is named ``trial-<trial id>`` under the sweep folder, so a retried or
+resumed trial continues from its last Train checkpoint instead of starting over.
+
+Sweep folder (``<sweep.storage>/<name>``)::
+
+    sweep.json              the validated sweep (a resumed sweep must match it)
+    optuna.db               the Optuna study (SQLite; optuna-dashboard opens it)
+    trial-<id>/             Tune's files per trial: params.json, progress.csv, result.json, TensorBoard
+    runs/trial-<id>/        Ray Train checkpoints of that trial
+    results/trial-<id>/     its metrics.json and TensorBoard (when the sweep folder is local)
+    report/                 written by ``xmodal report`` (tables, best config, figures)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xmodal.engine.config import ExperimentConfig, phase_config
+from xmodal.engine.sweep_spec import GRID_POINT_KEY, SEED_KEY, SweepSpec, load_sweep
+from xmodal.errors import ConfigError, XmodalError
+
+SPEC_FILE = "sweep.json"
+STUDY_FILE = "optuna.db"
+RUN_FILE = "sweep_run.json"
+FINAL_KEY = "sweep/final"  # marks the last row of a trial: test metrics after training
+
+
+@dataclass
+class SweepResult:
+    """What a sweep produced.
+
+    Attributes:
+        name: Sweep name; sweep_dir: its folder (or URI).
+        metric, mode: What ranked the trials.
+        best: Best finished trial: ``trial_id``, ``params`` (choice names), ``seed``, ``metrics``.
+        states: Trial count per state (``TERMINATED``, ``ERROR``, ``STOPPED`` early...).
+        errors: Error line per errored trial id.
+        wall_seconds: Wall time of this call.
+        trials_per_hour: Trials that ended during this call, per hour of wall time.
+        busy_share: Share of ``max_concurrent_trials`` x wall time that trials were running.
+        max_concurrent_trials: Trial slots the sweep ran with.
+        study_storage: Optuna storage URL (``None`` for grid sweeps or in-memory studies).
+    """
+
+    name: str
+    sweep_dir: str
+    metric: str
+    mode: str
+    best: dict[str, Any] | None
+    states: dict[str, int]
+    errors: dict[str, str]
+    wall_seconds: float
+    trials_per_hour: float
+    busy_share: float
+    max_concurrent_trials: int
+    study_storage: str | None = None
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """Human-readable lines (printed at the end of ``xmodal sweep``)."""
+        states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(self.states.items()))
+        lines = [
+            f"sweep {self.name}: {sum(self.states.values())} trials ({states}) in {self.wall_seconds:.0f} s",
+            f"  {self.trials_per_hour:.1f} trials/hour; trial slots busy {100 * self.busy_share:.0f}% "
+            f"of {self.max_concurrent_trials} x wall time",
+        ]
+        if self.best:
+            value = self.best["metrics"].get(self.metric)
+            params = ", ".join(f"{k}={v}" for k, v in self.best["params"].items())
+            seed = "" if self.best.get("seed") is None else f" seed={self.best['seed']}"
+            lines.append(f"  best {self.metric} ({self.mode}) {value:.4f}: {params}{seed}  [trial {self.best['trial_id']}]")
+        for trial_id, error in self.errors.items():
+            lines.append(f"  trial {trial_id} failed: {error}")
+        lines.append(f"  folder: {self.sweep_dir}")
+        lines.append(f"  look at it: xmodal report {self.sweep_dir}   |   tensorboard --logdir {self.sweep_dir}")
+        if self.study_storage:
+            lines.append(f"  optuna-dashboard {self.study_storage}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- paths and resources
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def sweep_dir(spec: SweepSpec) -> str:
+    """Folder (or URI) of a sweep: Tune's experiment folder."""
+    return spec.settings.storage.rstrip("/") + "/" + spec.name
+
+
+def study_storage_url(spec: SweepSpec) -> str | None:
+    """Optuna RDB URL: the setting, else a SQLite file in a local sweep folder."""
+    if spec.settings.search == "grid":
+        return None
+    if spec.settings.study_storage:
+        return spec.settings.study_storage
+    folder = sweep_dir(spec)
+    return None if is_remote(folder) else f"sqlite:///{Path(folder) / STUDY_FILE}"
+
+
+def base_experiment(spec: SweepSpec) -> ExperimentConfig:
+    """The experiment with every parameter at its first value (for sizing and data checks)."""
+    params = {p.key: p.edges()[0] for p in spec.parameters if not p.when}
+    config = spec.build_trial(params, spec.seeds[0], "base")
+    if spec.settings.phase:
+        phase = next(p for p in config.phases if p.name == spec.settings.phase)
+        config = phase_config(config, phase)
+    return config
+
+
+def trial_resources(config: ExperimentConfig, trial_cpus: float) -> dict[str, float]:
+    """Resources one trial holds: its Train workers plus the Tune trial actor.
+
+    Args:
+        config: The trial's experiment.
+        trial_cpus: CPUs of the trial actor (the driver of its Train run).
+    """
+    scaling = config.scaling
+    resources = {"CPU": scaling.num_workers * scaling.cpus_per_worker + trial_cpus}
+    if scaling.use_gpu:
+        resources["GPU"] = float(scaling.num_workers)
+    return resources
+
+
+def concurrent_trials(cluster: dict[str, float], per_trial: dict[str, float], data_cpus: float) -> int:
+    """How many trials fit at once, leaving ``data_cpus`` per trial free for Ray Data.
+
+    The scarcest resource decides (GPUs on a GPU cluster); always at least 1, so a sweep on a
+    cluster that is still scaling up waits for resources rather than refusing to start.
+
+    Args:
+        cluster: ``ray.cluster_resources()``.
+        per_trial: :func:`trial_resources`.
+        data_cpus: CPUs per trial kept unreserved for data loading.
+    """
+    fits = []
+    cpus = per_trial.get("CPU", 0) + data_cpus
+    if cpus > 0:
+        fits.append(math.floor(cluster.get("CPU", 0) / cpus + 1e-9))
+    if per_trial.get("GPU"):
+        fits.append(math.floor(cluster.get("GPU", 0) / per_trial["GPU"] + 1e-9))
+    return max(1, min(fits) if fits else 1)
+
+
+# ----------------------------------------------------------------------------- searchers
+
+
+def _searcher_state_io(cls: type) -> type:
+    """A Ray searcher wrapper that also saves its own state (Ray's save only the inner searcher).
+
+    ``ConcurrencyLimiter`` and ``Repeater`` forget which trials are live / which seeds belong
+    together on ``Tuner.restore``; a resumed sweep then never tells Optuna about trials that were
+    running when it stopped. These subclasses keep that state with the searcher checkpoint.
+    """
+
+    class Stateful(cls):  # type: ignore[misc, valid-type]
+        def save(self, checkpoint_path: str) -> None:
+            inner = checkpoint_path + ".inner"
+            self.searcher.save(inner)
+            blob = {"own": self.get_state(), "inner": Path(inner).read_bytes() if os.path.exists(inner) else None}
+            if os.path.exists(inner):
+                os.remove(inner)
+            with open(checkpoint_path, "wb") as handle:
+                pickle.dump(blob, handle)
+
+        def restore(self, checkpoint_path: str) -> None:
+            with open(checkpoint_path, "rb") as handle:
+                blob = pickle.load(handle)
+            self.set_state(blob["own"])
+            if blob["inner"] is not None:
+                with tempfile.NamedTemporaryFile(delete=False) as handle:
+                    handle.write(blob["inner"])
+                try:
+                    self.searcher.restore(handle.name)
+                finally:
+                    os.remove(handle.name)
+
+    Stateful.__name__ = Stateful.__qualname__ = f"Stateful{cls.__name__}"
+    return Stateful
+
+
+def _stateful_classes() -> tuple[type, type]:
+    from ray.tune.search import ConcurrencyLimiter, Repeater
+
+    global StatefulLimiter, StatefulRepeater
+    if StatefulLimiter is None:
+        StatefulLimiter = _searcher_state_io(ConcurrencyLimiter)
+        StatefulRepeater = _searcher_state_io(Repeater)
+    return StatefulLimiter, StatefulRepeater
+
+
+StatefulLimiter: type | None = None
+StatefulRepeater: type | None = None
+
+
+def make_search(spec: SweepSpec, max_concurrent: int) -> tuple[Any, dict[str, Any], int]:
+    """Tune search algorithm, param_space and num_samples of a sweep."""
+    from ray import tune
+
+    settings = spec.settings
+    seeds = spec.seeds
+    if settings.search == "grid":
+        space: dict[str, Any] = {GRID_POINT_KEY: tune.grid_search(spec.grid_points())}
+        if len(seeds) > 1:
+            space[SEED_KEY] = tune.grid_search(seeds)
+        return None, space, 1
+
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    limiter_cls, repeater_cls = _stateful_classes()
+    sampler = (
+        optuna.samplers.RandomSampler(seed=settings.sampler_seed)
+        if settings.search == "random"
+        else optuna.samplers.TPESampler(seed=settings.sampler_seed)
+    )
+    url = study_storage_url(spec)
+    storage = optuna.storages.RDBStorage(url) if url else None
+    searcher: Any = OptunaSearch(spec.suggest, metric=spec.metric, mode=spec.mode, sampler=sampler, study_name=spec.name, storage=storage)
+    if len(seeds) > 1:
+        searcher = repeater_cls(searcher, repeat=len(seeds), set_index=True)
+    return limiter_cls(searcher, max_concurrent=max_concurrent), {}, settings.num_samples * len(seeds)
+
+
+# ----------------------------------------------------------------------------- the trial
+
+
+@dataclass
+class TrialPlan:
+    """What every trial needs from the driver (pickled into Ray's object store once)."""
+
+    spec: SweepSpec
+    sweep_dir: str
+    results_root: str
+
+
+def trial_name(trial: Any) -> str:
+    """Tune trial (and folder) name: ``trial-<trial id>``."""
+    return f"trial-{trial.trial_id}"
+
+
+def trial_config(plan: TrialPlan, tune_config: dict[str, Any], trial_id: str) -> tuple[ExperimentConfig, dict[str, str]]:
+    """The experiment one trial runs (sampled values, seed, storage inside the sweep folder) and
+    its input checkpoints (name -> folder or URI)."""
+    from xmodal.engine.config import build_config
+
+    spec = plan.spec
+    params, seed = spec.trial_params(tune_config)
+    raw = spec.experiment_raw(params, seed, f"trial-{trial_id}")
+    raw.setdefault("run", {})
+    raw["run"]["storage"] = plan.sweep_dir.rstrip("/") + "/runs"
+    raw["run"]["results"] = plan.results_root
+    config = build_config(raw, f"{spec.source} trial {trial_id}")
+    inputs = dict(config.inputs)
+    if spec.settings.phase:
+        phase = next(p for p in config.phases if p.name == spec.settings.phase)
+        inputs.update(phase.inputs)
+        config = phase_config(config, phase)
+        config.name = f"trial-{trial_id}"  # one Train run per trial, not <trial>/<phase>
+    return config, inputs
+
+
+def sweep_trial(tune_config: dict[str, Any], plan: TrialPlan) -> None:
+    """Tune function trainable: one Ray Train run, its epochs forwarded to Tune.
+
+    After training, one last report carries the test metrics (``sweep/final`` = 1).
+    """
+    import ray
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from xmodal.engine.runner import resolve_input, run_single
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    trial_id = tune.get_context().get_trial_id()
+    config, input_paths = trial_config(plan, tune_config, trial_id)
+    inputs = {k: resolve_input(v, {}, f"inputs.{k}") for k, v in input_paths.items()}
+    result = run_single(config, inputs, callbacks=[TuneReportCallback()])
+    final: dict[str, Any] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    final.update({"epoch": config.train.epochs, FINAL_KEY: 1, "results_dir": result.results_dir})
+    if result.checkpoint:
+        final["checkpoint_path"] = result.checkpoint
+    tune.report(final)
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+def state_api_available() -> bool:
+    """Whether the connected Ray answers State API calls (it needs the dashboard)."""
+    try:
+        from ray.util.state import list_nodes
+
+        list_nodes(limit=1, timeout=15, raise_on_missing_output=False)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "no State API" here
+        return False
+
+
+def start_ray(spec: SweepSpec, base: ExperimentConfig, per_trial: dict[str, float]) -> bool:
+    """Connect to the configured cluster, or start a local Ray *with* the dashboard.
+
+    The dashboard is what frees the workers of a trial ASHA stops (Train V2's placement-group
+    cleaner uses the State API), so a local sweep must not use the engine's dashboard-less Ray.
+
+    Returns:
+        Whether this call started (and so must shut down) Ray.
+    """
+    import ray
+
+    if ray.is_initialized():
+        if spec.settings.scheduler == "asha" and not state_api_available():
+            raise ConfigError(
+                "sweep.scheduler=asha needs the Ray dashboard (State API) to free the workers of stopped trials; "
+                "the Ray this process is connected to runs without it (start it with include_dashboard=True, "
+                "or use scheduler: fifo)"
+            )
+        return False
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    address = base.run.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="warning")
+        return True
+    # Point every process of this Ray at its own dashboard: with several local Ray instances on a
+    # machine, Train's placement-group cleaner would otherwise fail to pick one ("multiple active
+    # Ray instances") and stopped trials would keep their workers.
+    port = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    needed = per_trial["CPU"] + base.scaling.data_cpus
+    ray.init(
+        num_cpus=spec.settings.local_cpus or int(max(os.cpu_count() or 1, math.ceil(needed))),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        _node_ip_address="127.0.0.1",
+        logging_level="warning",
+    )
+    return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def _read_text(location: str) -> str | None:
+    if is_remote(location):
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(location)
+        try:
+            with fs.open_input_stream(path) as handle:
+                return handle.read().decode()
+        except (FileNotFoundError, OSError):
+            return None
+    path = Path(location)
+    return path.read_text() if path.is_file() else None
+
+
+def _write_text(location: str, text: str) -> None:
+    if is_remote(location):
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(location)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as handle:
+            handle.write(text.encode())
+        return
+    Path(location).parent.mkdir(parents=True, exist_ok=True)
+    Path(location).write_text(text)
+
+
+def _check_same_sweep(stored: dict[str, Any], spec: SweepSpec, folder: str) -> None:
+    current = json.loads(json.dumps(spec.to_plain()))
+    changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    if changed:
+        detail = []
+        for key in changed:
+            if isinstance(stored.get(key), dict) and isinstance(current.get(key), dict):
+                inner = sorted(k for k in set(stored[key]) | set(current[key]) if stored[key].get(k) != current[key].get(k))
+                detail.append(f"{key}.{{{', '.join(inner)}}}")
+            else:
+                detail.append(key)
+        raise ConfigError(
+            f"sweep {spec.name!r} in {folder} was started with another config ({'; '.join(detail)} differ); "
+            "resume it with the same config and overrides, or give this one another name (name=...)"
+        )
+
+
+def check_data_plans(spec: SweepSpec, limit: int = 16) -> None:
+    """Plan the run (data, method checks, steps per epoch) of each distinct data setting.
+
+    Raises:
+        ConfigError: A configuration's data cannot be trained on, naming the swept values.
+    """
+    from xmodal.engine.runner import plan_run
+    from xmodal.engine.sweep_spec import validation_points
+
+    seen: set[str] = set()
+    for params, seed in validation_points(spec):
+        config = spec.build_trial(params, seed, "check")
+        if spec.settings.phase:
+            config = phase_config(config, next(p for p in config.phases if p.name == spec.settings.phase))
+        key = json.dumps([config.to_plain()["data"], config.method, config.scaling.num_workers], sort_keys=True, default=str)
+        if key in seen or len(seen) >= limit:
+            continue
+        seen.add(key)
+        try:
+            plan_run(config)
+        except XmodalError as exc:
+            shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            raise ConfigError(f"{spec.source}: trials with {shown or 'the base settings'} cannot run: {exc}") from exc
+
+
+def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[str] | None = None, resume: bool = False) -> SweepResult:
+    """Run (or resume) a sweep to the end.
+
+    Args:
+        source: Sweep YAML file, its contents, or a loaded :class:`SweepSpec`.
+        overrides: ``key=value`` items (``train.epochs=2``, ``sweep.num_samples=4``, ``name=x``).
+        resume: Continue the interrupted sweep of this name: finished trials are kept, unfinished
+            and errored ones resume from their last Train checkpoint.
+
+    Raises:
+        ConfigError: Invalid sweep; a sweep of that name exists and ``resume`` is false; nothing
+            to resume; or ``resume`` with a config other than the one the sweep started with.
+    """
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from xmodal.engine.runner import ensure_data
+
+    spec = source if isinstance(source, SweepSpec) else load_sweep(source, overrides)
+    folder = sweep_dir(spec)
+    settings = spec.settings
+    base = base_experiment(spec)
+    per_trial = trial_resources(base, settings.trial_cpus)
+    exists = tune.Tuner.can_restore(folder)
+    if exists and not resume:
+        raise ConfigError(
+            f"sweep {spec.name!r} already exists in {folder}; add --resume to continue it, "
+            "or give this one another name (name=...)"
+        )
+    if resume:
+        stored = _read_text(folder.rstrip("/") + "/" + SPEC_FILE)
+        if not exists or stored is None:
+            raise ConfigError(f"nothing to resume: no sweep {spec.name!r} in {folder}")
+        _check_same_sweep(json.loads(stored), spec, folder)
+
+    # Generate/index the data once here rather than in every concurrent trial, and refuse data
+    # settings some trials could not train on (e.g. a label fraction below one batch).
+    ensure_data(base)
+    check_data_plans(spec)
+
+    results_root = settings.results or (
+        str(Path(folder) / "results") if not is_remote(folder) else str(Path("results/sweeps").resolve() / spec.name)
+    )
+    plan = TrialPlan(spec=spec, sweep_dir=folder, results_root=results_root)
+    saved_api_address = os.environ.get("RAY_API_SERVER_ADDRESS")
+    started_ray = start_ray(spec, base, per_trial)
+    started = time.time()
+    try:
+        import ray
+
+        slots = settings.max_concurrent_trials
+        if slots == "auto":
+            slots = concurrent_trials(ray.cluster_resources(), per_trial, base.scaling.data_cpus)
+        trainable = tune.with_resources(tune.with_parameters(sweep_trial, plan=plan), {"cpu": settings.trial_cpus})
+        if resume:
+            tuner = tune.Tuner.restore(folder, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False)
+            print(f"[sweep {spec.name}] resuming from {folder}", flush=True)
+        else:
+            _write_text(folder.rstrip("/") + "/" + SPEC_FILE, json.dumps(spec.to_plain(), indent=2))
+            search_alg, param_space, num_samples = make_search(spec, slots)
+            if settings.scheduler == "asha":
+                # time_attr=epoch survives resumes; max_t above the last epoch so ASHA never kills a
+                # trial that is finishing (its test evaluation and summary come after the last epoch).
+                scheduler: Any = ASHAScheduler(
+                    time_attr="epoch", metric=spec.metric, mode=spec.mode, max_t=spec.max_epochs + 1,
+                    grace_period=settings.asha.grace_period, reduction_factor=settings.asha.reduction_factor,
+                )
+            else:
+                scheduler = FIFOScheduler()
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    search_alg=search_alg,
+                    scheduler=scheduler,
+                    num_samples=num_samples,
+                    max_concurrent_trials=slots if search_alg is None else None,
+                    trial_name_creator=trial_name,
+                    trial_dirname_creator=trial_name,
+                ),
+                run_config=tune.RunConfig(
+                    name=spec.name,
+                    storage_path=settings.storage,
+                    failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                    verbose=1,
+                ),
+            )
+            print(
+                f"[sweep {spec.name}] {settings.search} search, {num_samples} trial(s) of "
+                f"{', '.join(f'{k}={v:g}' for k, v in per_trial.items())} each, {slots} at a time; folder {folder}",
+                flush=True,
+            )
+        _record_session(folder, int(slots), started, None, resume)
+        tuner.fit()
+    finally:
+        ended = time.time()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+            if saved_api_address is None:
+                os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+            else:
+                os.environ["RAY_API_SERVER_ADDRESS"] = saved_api_address
+    _record_session(folder, int(slots), started, ended, resume)
+    return summarise_sweep(spec, folder, started, ended, int(slots))
+
+
+def _record_session(folder: str, slots: int, started: float, ended: float | None, resume: bool) -> None:
+    """Keep each launch of the sweep (slots, start, end) in ``sweep_run.json`` for the report."""
+    location = folder.rstrip("/") + "/" + RUN_FILE
+    record = json.loads(_read_text(location) or "{}")
+    sessions = [s for s in record.get("sessions", []) if s.get("started") != started]
+    sessions.append({"started": started, "ended": ended, "resume": resume})
+    _write_text(location, json.dumps({"max_concurrent_trials": slots, "sessions": sessions}, indent=2))
+
+
+def summarise_sweep(spec: SweepSpec, folder: str, started: float, ended: float, slots: int) -> SweepResult:
+    """Read the sweep folder back into a :class:`SweepResult` (figures for the time window)."""
+    from xmodal.engine.sweep_report import best_trial, load_trials, utilisation
+
+    trials = load_trials(folder) if not is_remote(folder) else []
+    usage = utilisation(trials, slots, window=(started, ended))
+    best = best_trial(trials, spec.metric, spec.mode)
+    states: dict[str, int] = {}
+    for trial in trials:
+        states[trial["state"]] = states.get(trial["state"], 0) + 1
+    return SweepResult(
+        name=spec.name,
+        sweep_dir=folder,
+        metric=spec.metric,
+        mode=spec.mode,
+        best=None if best is None else {k: best[k] for k in ("trial_id", "params", "seed", "metrics")},
+        states=states,
+        errors={t["trial_id"]: t["error"] for t in trials if t.get("error")},
+        wall_seconds=ended - started,
+        trials_per_hour=usage["trials_per_hour"],
+        busy_share=usage["busy_share"],
+        max_concurrent_trials=slots,
+        study_storage=study_storage_url(spec),
+        trials=trials,
+    )
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``xmodal sweep``."""
+    parser.add_argument("config", help="sweep YAML (an experiment plus a sweep: section)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.epochs=3 sweep.num_samples=4 name=my-sweep")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name")
+    parser.add_argument("--no-report", action="store_true", help="do not render the report at the end")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """``xmodal sweep``: run the sweep, print its summary, render its report."""
+    result = run_sweep(args.config, args.overrides, resume=args.resume)
+    print(result.summary(), flush=True)
+    if not args.no_report and not is_remote(result.sweep_dir):
+        from xmodal.engine.sweep_report import render_sweep_report
+
+        files = render_sweep_report(result.sweep_dir)
+        print(f"  report: {Path(files[0]).parent}", flush=True)
+    if not result.states or set(result.states) == {"ERROR"}:
+        raise XmodalError(f"sweep {result.name}: no trial finished; see the errors above and {result.sweep_dir}")
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``xmodal report``."""
+    parser.add_argument("sweep_dir", help="a sweep folder (<sweep.storage>/<name>)")
+    parser.add_argument("--out", help="where to write the report (default: SWEEP_DIR/report)")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    """``xmodal report``: tables, best configuration and figures of a sweep."""
+    from xmodal.engine.sweep_report import render_sweep_report
+
+    files = render_sweep_report(args.sweep_dir, args.out)
+    for path in files:
+        print(path)

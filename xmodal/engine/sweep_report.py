@@ -1,0 +1,507 @@
+"""``xmodal report SWEEP_DIR``: what a sweep found, as files a user can open.
+
+Reads only the sweep folder (Tune's per-trial ``params.json``/``result.json``/``error.txt``,
+its experiment state and the sweep's ``sweep.json``), so it works on a finished, interrupted or
+still-running sweep, offline, without Ray. Writes into ``SWEEP_DIR/report/``:
+
+* ``trials.csv`` and ``report.md``: one row per trial (swept values, seed, state, metrics,
+  epochs, time, error); the best configuration; mean +- std over seeds per configuration.
+* ``best.yaml``: the best trial's full experiment config (``xmodal train best.yaml`` reruns it).
+* ``metric_vs_<key>.png``: the metric against each swept parameter.
+* ``learning_curves.png``: the metric (and training loss) per epoch of every trial.
+* ``label_fraction.png``: for supervision-fraction sweeps, metric against fraction, spread over seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from xmodal.engine.sweep_spec import SweepSpec, split_trial_config
+from xmodal.errors import ConfigError
+
+SPEC_FILE = "sweep.json"
+FINAL_KEY = "sweep/final"
+REPORT_DIR = "report"
+LABEL_FRACTION_KEY = "data.label_fraction"
+# Tune trial states shown as they are; trials with neither a final report nor an error were
+# stopped early (ASHA) when the sweep finished, or are unfinished when it was interrupted.
+DONE_STATES = ("TERMINATED", "STOPPED", "ERROR")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line being written while we read
+    return rows
+
+
+def _experiment_states(folder: Path) -> dict[str, str]:
+    """Trial id -> Tune status, from the newest ``experiment_state-*.json``."""
+    files = sorted(folder.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return {}
+    try:
+        state = json.loads(files[-1].read_text())
+    except (json.JSONDecodeError, OSError):
+        return {}
+    statuses: dict[str, str] = {}
+    for entry in state.get("trial_data", []):
+        try:
+            trial = json.loads(entry[0]) if isinstance(entry, (list, tuple)) else entry
+            if isinstance(trial, str):
+                trial = json.loads(trial)
+            statuses[str(trial["trial_id"])] = str(trial["status"])
+        except (KeyError, TypeError, json.JSONDecodeError):
+            continue
+    return statuses
+
+
+def load_spec(folder: str | Path) -> SweepSpec | None:
+    """The sweep's validated spec, from ``sweep.json`` (``None`` if absent)."""
+    path = Path(folder) / SPEC_FILE
+    return SweepSpec.from_plain(json.loads(path.read_text())) if path.is_file() else None
+
+
+def load_trials(folder: str | Path) -> list[dict[str, Any]]:
+    """Every trial of a sweep folder.
+
+    Returns:
+        One dict per trial: ``trial_id``, ``params`` (swept values), ``seed``, ``state``,
+        ``error``, ``epochs`` (per-epoch rows), ``final`` (last row: test metrics when the
+        trial finished), ``metrics`` (the latest value of every metric), ``busy``
+        (time intervals the trial ran), ``start``/``end``, ``failures``.
+    """
+    folder = Path(folder)
+    spec = load_spec(folder)
+    keys = [p.key for p in spec.parameters] if spec else []
+    seeds = spec.seeds if spec else [None]
+    statuses = _experiment_states(folder)
+    trials = []
+    for params_file in sorted(folder.glob("*/params.json")):
+        trial_dir = params_file.parent
+        tune_config = json.loads(params_file.read_text())
+        rows = _read_rows(trial_dir / "result.json")
+        trial_id = str(rows[0]["trial_id"]) if rows else trial_dir.name.removeprefix("trial-")
+        params, seed = split_trial_config(tune_config, keys, seeds) if spec else (tune_config, None)
+        epochs = [r for r in rows if not r.get(FINAL_KEY)]
+        final = next((r for r in reversed(rows) if r.get(FINAL_KEY)), None)
+        metrics: dict[str, Any] = {}
+        for row in rows:
+            metrics.update({k: v for k, v in row.items() if "/" in k and k != FINAL_KEY and isinstance(v, (int, float))})
+        error_file = trial_dir / "error.txt"
+        error_text = error_file.read_text().strip() if error_file.is_file() else ""
+        failures = len(re.findall(r"^Failure # \d+", error_text, flags=re.M)) or (1 if error_text else 0)
+        status = statuses.get(trial_id)
+        if final is not None:
+            state = "TERMINATED"
+        elif status == "ERROR" or (error_text and status is None):
+            state = "ERROR"
+        elif status in ("RUNNING", "PENDING", "PAUSED"):
+            state = status
+        else:
+            state = "STOPPED"  # ended without its final report: stopped early by ASHA
+        busy = _busy_intervals(rows)
+        trials.append(
+            {
+                "trial_id": trial_id,
+                "dir": str(trial_dir),
+                "params": params,
+                "seed": seed,
+                "state": state,
+                "error": _last_error_line(error_text) if state == "ERROR" else None,
+                "failures": failures,
+                "epochs": epochs,
+                "final": final,
+                "metrics": metrics,
+                "busy": busy,
+                "start": min((s for s, _ in busy), default=None),
+                "end": max((e for _, e in busy), default=None),
+            }
+        )
+    return trials
+
+
+def _last_error_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("Failure #")]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]*(Error|Exception)\b", line) or "Error:" in line:
+            return line[:300]
+    return lines[-1][:300] if lines else "failed"
+
+
+def _busy_intervals(rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """When a trial was running: each report covers the time since the previous one."""
+    spans = []
+    for row in rows:
+        end = row.get("timestamp")
+        length = row.get("time_this_iter_s")
+        if isinstance(end, (int, float)) and isinstance(length, (int, float)):
+            spans.append((float(end) - float(length), float(end)))
+    return _union(spans)
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+# ----------------------------------------------------------------------------- figures of merit
+
+
+def utilisation(trials: list[dict[str, Any]], slots: int, window: tuple[float, float] | None = None) -> dict[str, float]:
+    """Throughput of a sweep over a time window.
+
+    Args:
+        trials: :func:`load_trials`.
+        slots: ``max_concurrent_trials``.
+        window: (start, end) Unix times; default: first trial start to last trial end.
+
+    Returns:
+        ``wall_seconds``, ``trials_ended`` (in the window), ``trials_per_hour``,
+        ``busy_seconds`` (sum of trial running time in the window) and ``busy_share``
+        (busy_seconds / (slots x wall_seconds)).
+    """
+    if window is None:
+        starts = [t["start"] for t in trials if t["start"] is not None]
+        ends = [t["end"] for t in trials if t["end"] is not None]
+        if not starts:
+            return {"wall_seconds": 0.0, "trials_ended": 0, "trials_per_hour": 0.0, "busy_seconds": 0.0, "busy_share": 0.0}
+        window = (min(starts), max(ends))
+    begin, finish = window
+    wall = max(finish - begin, 1e-9)
+    busy = sum(max(0.0, min(e, finish) - max(s, begin)) for t in trials for s, e in t["busy"])
+    ended = sum(1 for t in trials if t["state"] in DONE_STATES and t["end"] is not None and begin <= t["end"] <= finish + 1)
+    return {
+        "wall_seconds": wall,
+        "trials_ended": ended,
+        "trials_per_hour": ended * 3600.0 / wall,
+        "busy_seconds": busy,
+        "busy_share": min(1.0, busy / (max(slots, 1) * wall)),
+    }
+
+
+def final_value(trial: dict[str, Any], metric: str) -> float | None:
+    """The metric a trial ended with (what Optuna was told)."""
+    for row in ([trial["final"]] if trial["final"] else []) + list(reversed(trial["epochs"])):
+        value = row.get(metric)
+        if isinstance(value, (int, float)) and not math.isnan(value):
+            return float(value)
+    return None
+
+
+def best_trial(trials: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """The finished trial with the best final metric."""
+    scored = [(final_value(t, metric), t) for t in trials if t["state"] == "TERMINATED"]
+    scored = [(v, t) for v, t in scored if v is not None]
+    if not scored:
+        return None
+    return (max if mode == "max" else min)(scored, key=lambda vt: vt[0])[1]
+
+
+def seed_groups(trials: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Finished trials grouped by configuration: mean, std and count over seeds."""
+    groups: dict[str, dict[str, Any]] = {}
+    for trial in trials:
+        value = final_value(trial, metric)
+        if trial["state"] != "TERMINATED" or value is None:
+            continue
+        key = json.dumps(trial["params"], sort_keys=True, default=str)
+        group = groups.setdefault(key, {"params": trial["params"], "values": [], "seeds": []})
+        group["values"].append(value)
+        group["seeds"].append(trial["seed"])
+    out = []
+    for group in groups.values():
+        values = group["values"]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        out.append({**group, "mean": mean, "std": std, "n": len(values)})
+    return out
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return "" if value is None else str(value)
+
+
+def _table(trials: list[dict[str, Any]], keys: list[str], metric: str) -> tuple[list[str], list[list[Any]]]:
+    metric_names = sorted({k for t in trials for k in t["metrics"] if k.startswith(("val/", "test/"))})
+    if metric in metric_names:
+        metric_names.remove(metric)
+    header = ["trial_id", "state", *keys, "seed", metric, *metric_names, "epochs", "seconds", "failures", "error"]
+    rows = []
+    for t in trials:
+        seconds = sum(e - s for s, e in t["busy"])
+        rows.append(
+            [
+                t["trial_id"], t["state"], *[t["params"].get(k) for k in keys], t["seed"], final_value(t, metric),
+                *[(t["final"] or {}).get(m, t["metrics"].get(m)) for m in metric_names],
+                len(t["epochs"]), round(seconds, 1), t["failures"], t["error"] or "",
+            ]
+        )
+    return header, rows
+
+
+def _is_log(spec: SweepSpec | None, key: str) -> bool:
+    if spec is None:
+        return False
+    try:
+        param = spec.parameter(key)
+    except KeyError:
+        return key == LABEL_FRACTION_KEY
+    return param.type == "loguniform" or (param.type == "int" and param.log)
+
+
+def render_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) -> list[Path]:
+    """Write the report of a sweep folder.
+
+    Args:
+        sweep_dir: A local sweep folder (copy a remote one first, e.g. ``aws s3 sync`` without ``runs/``).
+        out: Output folder (default: ``SWEEP_DIR/report``).
+
+    Returns:
+        The files written (``report.md`` first).
+
+    Raises:
+        ConfigError: The folder is not a sweep folder or holds no trials yet.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(sweep_dir)
+    if "://" in str(sweep_dir):
+        raise ConfigError(f"{sweep_dir}: copy a remote sweep folder locally first (without its runs/ checkpoints)")
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: no such sweep folder")
+    spec = load_spec(folder)
+    trials = load_trials(folder)
+    if not trials:
+        raise ConfigError(f"{folder}: no trials found (expected trial folders with params.json, as written by xmodal sweep)")
+    metric = spec.metric if spec else "val/iou"
+    mode = spec.mode if spec else "max"
+    keys = [p.key for p in spec.parameters] if spec else sorted({k for t in trials for k in t["params"]})
+    out_dir = Path(out) if out else folder / REPORT_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+
+    header, rows = _table(trials, keys, metric)
+    csv_path = out_dir / "trials.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows([[_fmt(v) for v in row] for row in rows])
+
+    best = best_trial(trials, metric, mode)
+    slots = _slots(folder, spec)
+    usage = utilisation(trials, slots)
+    figures = _figures(plt, trials, spec, keys, metric, out_dir)
+
+    best_yaml = None
+    if best is not None and spec is not None:
+        raw = spec.experiment_raw(best["params"], best["seed"], f"{spec.name}-best")
+        best_yaml = out_dir / "best.yaml"
+        best_yaml.write_text(f"# Best trial {best['trial_id']} of sweep {spec.name} ({metric} {final_value(best, metric):.4f})\n" + yaml.safe_dump(raw, sort_keys=False))
+
+    lines = [f"# Sweep `{spec.name if spec else folder.name}`", ""]
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t["state"]] = counts.get(t["state"], 0) + 1
+    lines.append(f"{len(trials)} trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) + f". Ranked by `{metric}` ({mode}).")
+    lines.append(
+        f"Wall time {usage['wall_seconds']:.0f} s, {usage['trials_per_hour']:.1f} trials/hour, "
+        f"trial slots busy {100 * usage['busy_share']:.0f}% (of {slots} slot(s) x wall time)."
+    )
+    lines.append("")
+    if best is not None:
+        lines += ["## Best configuration", ""]
+        lines.append(f"Trial `{best['trial_id']}`: **{metric} = {final_value(best, metric):.4f}**" + ("" if best["seed"] is None else f" (seed {best['seed']})"))
+        lines.append("")
+        for key in keys:
+            if key in best["params"]:
+                value = best["params"][key]
+                resolved = spec.parameter(key).value(value) if spec else value
+                shown = f"`{value}` = `{json.dumps(resolved)}`" if resolved != value else f"`{_fmt(value)}`"
+                lines.append(f"- `{key}`: {shown}")
+        tests = {k: v for k, v in (best["final"] or {}).items() if k.startswith("test/") and isinstance(v, (int, float))}
+        if tests:
+            lines.append("- test: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(tests.items())))
+        if best_yaml is not None:
+            lines.append(f"\nFull config: [`best.yaml`](best.yaml) (rerun with `xmodal train {best_yaml}`).")
+        lines.append("")
+    groups = seed_groups(trials, metric)
+    if any(g["n"] > 1 for g in groups):
+        lines += ["## Configurations over seeds", "", f"| {' | '.join(keys)} | n | {metric} mean | std |", "|" + "---|" * (len(keys) + 3)]
+        for g in sorted(groups, key=lambda g: g["mean"], reverse=mode == "max"):
+            lines.append(f"| {' | '.join(_fmt(g['params'].get(k)) for k in keys)} | {g['n']} | {g['mean']:.4f} | {g['std']:.4f} |")
+        lines.append("")
+    # The Markdown table keeps the ranking metric and its test counterpart; trials.csv has every metric.
+    test_metric = metric.replace("val/", "test/")
+    shown = [i for i, name in enumerate(header) if not name.startswith(("val/", "test/")) or name in (metric, test_metric)]
+    lines += ["## Trials", "", "| " + " | ".join(header[i] for i in shown) + " |", "|" + "---|" * len(shown)]
+    for row in sorted(rows, key=lambda r: (r[header.index(metric)] is None, -(r[header.index(metric)] or 0) if mode == "max" else (r[header.index(metric)] or 0))):
+        lines.append("| " + " | ".join(_fmt(row[i]).replace("|", "/") for i in shown) + " |")
+    lines += ["", "## Figures", ""]
+    lines += [f"![{p.stem}]({p.name})" for p in figures]
+    lines += [
+        "",
+        "## Look further",
+        "",
+        f"- TensorBoard (Tune's per-trial curves and each run's own logs): `tensorboard --logdir {folder}`",
+    ]
+    study = folder / "optuna.db"
+    if study.is_file():
+        lines.append(f"- Optuna dashboard: `optuna-dashboard sqlite:///{study}` (pip install optuna-dashboard)")
+    lines.append(f"- Per-trial metrics.json and test panels: `{folder / 'results'}/trial-<id>/`")
+    md_path = out_dir / "report.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    files += [md_path, csv_path] + ([best_yaml] if best_yaml else []) + figures
+    return files
+
+
+def _slots(folder: Path, spec: SweepSpec | None) -> int:
+    """Trial slots the sweep ran with (from Tune's saved config when available)."""
+    summary = folder / "sweep_run.json"
+    if summary.is_file():
+        try:
+            return int(json.loads(summary.read_text())["max_concurrent_trials"])
+        except (KeyError, ValueError, json.JSONDecodeError):
+            pass
+    if spec and isinstance(spec.settings.max_concurrent_trials, int):
+        return spec.settings.max_concurrent_trials
+    return 1
+
+
+def _figures(plt: Any, trials: list[dict[str, Any]], spec: SweepSpec | None, keys: list[str], metric: str, out_dir: Path) -> list[Path]:
+    files = []
+    colours = {"TERMINATED": "tab:blue", "STOPPED": "tab:orange", "ERROR": "tab:red"}
+    for key in keys:
+        points = [(t["params"][key], final_value(t, metric), t["state"]) for t in trials if key in t["params"] and final_value(t, metric) is not None]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _, _ in points)
+        if numeric:
+            xs = [float(x) for x, _, _ in points]
+        else:
+            names = list(spec.parameter(key).choices) if spec else sorted({str(x) for x, _, _ in points})
+            position = {str(n): i for i, n in enumerate(names)}
+            seen: dict[str, int] = {}
+            xs = []
+            for x, _, _ in points:  # spread the points of one choice a little, centred on it
+                seen[str(x)] = seen.get(str(x), 0) + 1
+                xs.append(position.get(str(x), 0) + 0.06 * ((seen[str(x)] - 1) % 7 - 3) * (1 if seen[str(x)] % 2 else -1))
+            ax.set_xticks(range(len(names)), [str(n) for n in names])
+            ax.set_xlim(-0.5, len(names) - 0.5)
+        for state in colours:
+            chosen = [(x, y) for x, (_, y, s) in zip(xs, points) if s == state]
+            if chosen:
+                ax.scatter(*zip(*chosen), c=colours[state], label=state.lower(), alpha=0.8)
+        if numeric and _is_log(spec, key):
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} against {key}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"metric_vs_{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+
+    curves = [t for t in trials if any(metric in r for r in t["epochs"])]
+    if curves:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for t in curves:
+            rows = [r for r in t["epochs"] if "epoch" in r]
+            label = f"{t['trial_id']} " + " ".join(f"{_fmt(v)}" for v in t["params"].values())
+            style = "-" if t["state"] == "TERMINATED" else "--"
+            xs = [r["epoch"] for r in rows if metric in r]
+            axes[0].plot(xs, [r[metric] for r in rows if metric in r], style, marker="o", ms=3, label=label[:40])
+            losses = [(r["epoch"], r["train/loss"]) for r in rows if "train/loss" in r]
+            if losses:
+                axes[1].plot(*zip(*losses), style, marker="o", ms=3)
+        axes[0].set_xlabel("epoch")
+        axes[0].set_ylabel(metric)
+        axes[0].set_title("validation metric per epoch (dashed: stopped/failed)")
+        axes[1].set_xlabel("epoch")
+        axes[1].set_ylabel("train/loss")
+        axes[1].set_title("training loss per epoch")
+        if len(curves) <= 12:
+            axes[0].legend(fontsize=6)
+        fig.tight_layout()
+        path = out_dir / "learning_curves.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+
+    fractions = [t for t in trials if LABEL_FRACTION_KEY in t["params"] and t["state"] == "TERMINATED"]
+    if fractions:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        others = [k for k in keys if k != LABEL_FRACTION_KEY]
+        series: dict[str, dict[float, list[float]]] = {}
+        for t in fractions:
+            value = final_value(t, metric)
+            if value is None:
+                continue
+            label = ", ".join(f"{k}={_fmt(t['params'].get(k))}" for k in others if k in t["params"]) or metric
+            fraction = float(spec.parameter(LABEL_FRACTION_KEY).value(t["params"][LABEL_FRACTION_KEY]) if spec else t["params"][LABEL_FRACTION_KEY])
+            series.setdefault(label, {}).setdefault(fraction, []).append(value)
+            tests = (t["final"] or {}).get(metric.replace("val/", "test/"))
+            if isinstance(tests, (int, float)) and metric.startswith("val/"):
+                series.setdefault(f"{label} (test)", {}).setdefault(fraction, []).append(float(tests))
+        for label, by_fraction in series.items():
+            xs = sorted(by_fraction)
+            means = [sum(by_fraction[x]) / len(by_fraction[x]) for x in xs]
+            stds = [
+                math.sqrt(sum((v - m) ** 2 for v in by_fraction[x]) / (len(by_fraction[x]) - 1)) if len(by_fraction[x]) > 1 else 0.0
+                for x, m in zip(xs, means)
+            ]
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
+            for x in xs:
+                ax.scatter([x] * len(by_fraction[x]), by_fraction[x], s=8, alpha=0.4, c="grey")
+        ax.set_xscale("log")
+        ax.set_xlabel("label fraction (share of labelled training tiles)")
+        ax.set_ylabel(metric.replace("val/", ""))
+        ax.set_title("metric against supervision (mean +- std over seeds)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / "label_fraction.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def find_sweeps(root: str | Path) -> list[Path]:
+    """Sweep folders under ``root`` (those holding a ``sweep.json``)."""
+    return sorted(Path(p).parent for p in glob.glob(str(Path(root) / "**" / SPEC_FILE), recursive=True))
