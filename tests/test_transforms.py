@@ -53,6 +53,7 @@ def test_geometric_augmentation_keeps_every_modality_aligned(mode: str):
         np.testing.assert_array_equal(out["optical"][2], code)
         np.testing.assert_array_equal(out["noisy_mask"], code)
         seen.add(tuple(code[0, :2]))
+        assert np.ndim(out["label"]) == 0 and np.ndim(out["index"]) == 0  # scalars stay scalars
     assert len(seen) > 1  # it did transform
 
 

@@ -185,7 +185,8 @@ class Preparer:
         out.update(sar=sar, optical=optical, sar_valid=sar_valid.astype(np.uint8), optical_valid=opt_valid.astype(np.uint8))
         if train and self.augment.geometric != "none":
             out = self._geometric(out, rng)
-        return {k: np.ascontiguousarray(v) for k, v in out.items()}
+        # ascontiguousarray would turn 0-d scalars (label, index) into shape (1,): keep them 0-d.
+        return {k: np.ascontiguousarray(v) if np.ndim(v) else v for k, v in out.items()}
 
     def _normalise(self, image: np.ndarray, mean: np.ndarray, std: np.ndarray, valid: np.ndarray) -> np.ndarray:
         image = (image - mean[:, None, None]) / std[:, None, None]

@@ -348,7 +348,6 @@ def start_ray(spec: SweepSpec, base: ExperimentConfig, per_trial: dict[str, floa
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=port,
-        _node_ip_address="127.0.0.1",
         logging_level="warning",
     )
     return True
@@ -556,7 +555,7 @@ def summarise_sweep(spec: SweepSpec, folder: str, started: float, ended: float, 
     """Read the sweep folder back into a :class:`SweepResult` (figures for the time window)."""
     from xmodal.engine.sweep_report import best_trial, load_trials, utilisation
 
-    trials = load_trials(folder) if not is_remote(folder) else []
+    trials = load_trials(folder)
     usage = utilisation(trials, slots, window=(started, ended))
     best = best_trial(trials, spec.metric, spec.mode)
     states: dict[str, int] = {}
@@ -594,7 +593,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     """``xmodal sweep``: run the sweep, print its summary, render its report."""
     result = run_sweep(args.config, args.overrides, resume=args.resume)
     print(result.summary(), flush=True)
-    if not args.no_report and not is_remote(result.sweep_dir):
+    if not args.no_report:
         from xmodal.engine.sweep_report import render_sweep_report
 
         files = render_sweep_report(result.sweep_dir)

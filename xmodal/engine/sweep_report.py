@@ -74,6 +74,37 @@ def _experiment_states(folder: Path) -> dict[str, str]:
     return statuses
 
 
+def fetch_sweep_folder(uri: str, dest: str | Path) -> Path:
+    """Copy what a report reads from a remote sweep folder (``s3://``, ``gs://``, ``file://``):
+    ``sweep.json``, Tune's experiment state and each trial's params/results/errors; never the
+    ``runs/`` checkpoints.
+
+    Returns:
+        The local copy.
+    """
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(uri.rstrip("/"))
+    dest = Path(dest)
+    wanted = {"params.json", "result.json", "error.txt", SPEC_FILE, "sweep_run.json"}
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+    except (FileNotFoundError, OSError) as exc:
+        raise ConfigError(f"{uri}: cannot list the sweep folder ({exc})") from exc
+    for info in infos:
+        relative = info.path[len(root):].lstrip("/")
+        top = relative.split("/", 1)[0]
+        name = relative.rsplit("/", 1)[-1]
+        if info.type != pyarrow.fs.FileType.File or top in ("runs", "results", REPORT_DIR):
+            continue
+        if name in wanted or (name.startswith("experiment_state-") and name.endswith(".json")):
+            target = dest / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as handle:
+                target.write_bytes(handle.read())
+    return dest
+
+
 def load_spec(folder: str | Path) -> SweepSpec | None:
     """The sweep's validated spec, from ``sweep.json`` (``None`` if absent)."""
     path = Path(folder) / SPEC_FILE
@@ -89,6 +120,11 @@ def load_trials(folder: str | Path) -> list[dict[str, Any]]:
         trial finished), ``metrics`` (the latest value of every metric), ``busy``
         (time intervals the trial ran), ``start``/``end``, ``failures``.
     """
+    if "://" in str(folder):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="xmodal-sweep-") as scratch:
+            return load_trials(fetch_sweep_folder(str(folder), scratch))
     folder = Path(folder)
     spec = load_spec(folder)
     keys = [p.key for p in spec.parameters] if spec else []
@@ -284,8 +320,9 @@ def render_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) ->
     """Write the report of a sweep folder.
 
     Args:
-        sweep_dir: A local sweep folder (copy a remote one first, e.g. ``aws s3 sync`` without ``runs/``).
-        out: Output folder (default: ``SWEEP_DIR/report``).
+        sweep_dir: A sweep folder, local or remote (``s3://``, ``gs://``: its small files are
+            copied to ``OUT/sweep`` first; checkpoints are not).
+        out: Output folder (default: ``SWEEP_DIR/report``; for a remote sweep ``sweep-reports/<name>``).
 
     Returns:
         The files written (``report.md`` first).
@@ -298,9 +335,13 @@ def render_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder = Path(sweep_dir)
     if "://" in str(sweep_dir):
-        raise ConfigError(f"{sweep_dir}: copy a remote sweep folder locally first (without its runs/ checkpoints)")
+        # A cloud sweep: report from a local copy of its small files (checkpoints stay remote).
+        name = str(sweep_dir).rstrip("/").rsplit("/", 1)[-1]
+        out = Path(out) if out else Path("sweep-reports") / name
+        folder = fetch_sweep_folder(str(sweep_dir), out / "sweep")
+        return render_sweep_report(folder, out)
+    folder = Path(sweep_dir)
     if not folder.is_dir():
         raise ConfigError(f"{folder}: no such sweep folder")
     spec = load_spec(folder)
