@@ -59,7 +59,15 @@ def pack(manifest: Manifest, out: str | Path, *, rows_per_file: int = 256, compr
             rows: dict[str, list[Any]] = {k: [] for k in ("tile_id", "sar", "optical", "sar_valid", "optical_valid", "scene_label")}
             rows.update({f"layer_{name}": [] for name in layers})
             for row, record in enumerate(chunk):
-                sample = reader.load(record, info, manifest.data_root, LoadOptions())
+                # Two label layers come with each read (mask + noisy_mask); images with the first.
+                pairs = [layers[i : i + 2] for i in range(0, len(layers), 2)] or [[]]
+                labels: dict[str, np.ndarray] = {}
+                sample = None
+                for pair in pairs:
+                    options = LoadOptions(mask_layer=pair[0] if pair else None, noisy_layer=pair[1] if len(pair) > 1 else None)
+                    loaded = reader.load(record, info, manifest.data_root, options)
+                    sample = sample or loaded
+                    labels.update({name: getattr(loaded, key) for name, key in zip(pair, ("mask", "noisy_mask"))})
                 if shape is None:
                     shape = sample.shape
                 elif sample.shape != shape:
@@ -72,8 +80,7 @@ def pack(manifest: Manifest, out: str | Path, *, rows_per_file: int = 256, compr
                 rows["optical_valid"].append(_to_bytes(valid if sample.optical_valid is None else sample.optical_valid, "uint8"))
                 rows["scene_label"].append(int(sample.label))
                 for name in layers:
-                    label = reader.load(record, info, manifest.data_root, LoadOptions(mask_layer=name)).mask
-                    rows[f"layer_{name}"].append(_to_bytes(label, "uint8"))
+                    rows[f"layer_{name}"].append(_to_bytes(labels[name], "uint8"))
                 extra = record_extra(record)
                 extra.update(row=row, source_reader=info.reader)
                 packed_records.append(
