@@ -123,6 +123,41 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"{result.name}: {shown}\n  results: {result.results_dir}\n  checkpoint: {result.checkpoint}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from xmodal.engine.sweep import run_sweep
+    from xmodal.engine.sweep_report import render_sweep_report
+
+    result = run_sweep(args.config, args.overrides, resume=args.resume)
+    print(result.summary(), flush=True)
+    if not args.no_report:
+        files = render_sweep_report(result.sweep_dir)
+        print(f"  report: {Path(files[0]).parent}", flush=True)
+    if not result.states or set(result.states) == {"ERROR"}:
+        raise XmodalError(f"sweep {result.name}: no trial finished; see the errors above and {result.sweep_dir}")
+
+
+def is_sweep_folder(path: Path) -> bool:
+    """A Tune experiment folder written by ``xmodal sweep`` (rather than a folder of runs)."""
+    from xmodal.engine.sweep import SPEC_FILE
+
+    return (path / SPEC_FILE).is_file() or (path / "tuner.pkl").is_file()
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    path = Path(args.path)
+    if not path.exists() and "://" not in args.path:
+        raise XmodalError(f"{path}: not found; give a run folder (run.storage[/name]) or a sweep folder")
+    if "://" in args.path or is_sweep_folder(path):
+        from xmodal.engine.sweep_report import render_sweep_report
+
+        for written in render_sweep_report(args.path, args.out):
+            print(written)
+        return
+    from xmodal.engine.report import render_run_report
+
+    render_run_report(path, args.out)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from xmodal.cli.demo import run_demo
 
@@ -218,6 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
 
+    sweep = commands.add_parser("sweep", help="Ray Tune + Optuna sweep of a config's knobs")
+    sweep.add_argument("config", help="sweep YAML (an experiment plus a sweep: section)")
+    sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.epochs=3 sweep.num_samples=4 name=my-sweep")
+    sweep.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name")
+    sweep.add_argument("--no-report", action="store_true", help="do not render the report at the end")
+    sweep.set_defaults(func=cmd_sweep)
+
+    report = commands.add_parser("report", help="tables and figures of a run folder or a sweep folder")
+    report.add_argument("path", help="run folder (e.g. runs/kd-demo) or sweep folder (<sweep.storage>/<name>)")
+    report.add_argument("--out", help="where to write the report (default: inside PATH)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

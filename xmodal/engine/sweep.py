@@ -18,7 +18,6 @@ Sweep folder (``<sweep.storage>/<name>``)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -576,42 +575,3 @@ def summarise_sweep(spec: SweepSpec, folder: str, started: float, ended: float, 
         study_storage=study_storage_url(spec),
         trials=trials,
     )
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``xmodal sweep``."""
-    parser.add_argument("config", help="sweep YAML (an experiment plus a sweep: section)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.epochs=3 sweep.num_samples=4 name=my-sweep")
-    parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name")
-    parser.add_argument("--no-report", action="store_true", help="do not render the report at the end")
-
-
-def cmd_sweep(args: argparse.Namespace) -> None:
-    """``xmodal sweep``: run the sweep, print its summary, render its report."""
-    result = run_sweep(args.config, args.overrides, resume=args.resume)
-    print(result.summary(), flush=True)
-    if not args.no_report:
-        from xmodal.engine.sweep_report import render_sweep_report
-
-        files = render_sweep_report(result.sweep_dir)
-        print(f"  report: {Path(files[0]).parent}", flush=True)
-    if not result.states or set(result.states) == {"ERROR"}:
-        raise XmodalError(f"sweep {result.name}: no trial finished; see the errors above and {result.sweep_dir}")
-
-
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``xmodal report``."""
-    parser.add_argument("sweep_dir", help="a sweep folder (<sweep.storage>/<name>)")
-    parser.add_argument("--out", help="where to write the report (default: SWEEP_DIR/report)")
-
-
-def cmd_report(args: argparse.Namespace) -> None:
-    """``xmodal report``: tables, best configuration and figures of a sweep."""
-    from xmodal.engine.sweep_report import render_sweep_report
-
-    files = render_sweep_report(args.sweep_dir, args.out)
-    for path in files:
-        print(path)
