@@ -171,8 +171,14 @@ def make_trainer(
     )
 
 
-def summarise(config: ExperimentConfig, outcome: dict[str, Any], checkpoint: str | None, seconds: float) -> dict[str, Any]:
-    """The metrics.json of a run: what ran, on what, and what it scored."""
+def summarise(
+    config: ExperimentConfig,
+    outcome: dict[str, Any],
+    checkpoint: str | None,
+    seconds: float,
+    inputs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The metrics.json of a run: what ran, on what, from which checkpoints, and what it scored."""
     metrics = {f"{split}/{k}": v for split in ("val", "test") for k, v in (outcome.get(split) or {}).items()}
     return {
         "name": config.name,
@@ -185,6 +191,7 @@ def summarise(config: ExperimentConfig, outcome: dict[str, Any], checkpoint: str
         "metrics": metrics,
         "per_class": {split: outcome.get(f"{split}_per_class", {}) for split in ("val", "test")},
         "checkpoint": checkpoint,
+        "inputs": {name: str(getattr(value, "path", value)) for name, value in (inputs or {}).items()},
         "wall_seconds": round(seconds, 1),
     }
 
@@ -233,7 +240,7 @@ def run_single(config: ExperimentConfig, inputs: dict[str, Any] | None = None, c
         raise RunFailedError(f"run {config.name!r} failed: {root_cause(exc)}; checkpoints so far are kept in {run_folder(config) or config.run.storage}") from exc
     outcome = result.return_value or {}
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    summary = summarise(config, outcome, checkpoint, time.perf_counter() - started)
+    summary = summarise(config, outcome, checkpoint, time.perf_counter() - started, inputs)
     out = Path(plan.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,120 @@
+"""The run-directory report renders from metrics.json files alone (no training)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from xmodal.engine.report import build_report, collect_runs, render_run_report
+from xmodal.errors import ConfigError
+
+UNET_XCEPTION = {"arch": "unet", "encoder": "xception", "encoder_depth": None, "decoder_channels": None, "kwargs": {}}
+SMALL_UNET = {"arch": "unet", "encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 8], "kwargs": {}}
+
+
+def write_run(storage: Path, name: str, method: str, settings: dict, test_iou: float | None, model: dict = UNET_XCEPTION, fraction: float = 1.0) -> None:
+    """A metrics.json as the runner writes it at the end of a run."""
+    metrics = {"val/iou": test_iou, "test/iou": test_iou, "test/miou": 0.5} if test_iou is not None else {}
+    summary = {
+        "name": name,
+        "method": method,
+        "method_settings": settings,
+        "model": model,
+        "data": {"root": "data/x", "mask_layer": "buildings", "label_fraction": fraction},
+        "epochs": 1,
+        "metric": "val/iou",
+        "metrics": metrics,
+        "per_class": {},
+        "checkpoint": str(storage / name / "checkpoint_000000"),
+        "wall_seconds": 12.5,
+    }
+    folder = storage / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps(summary))
+    # A checkpoint's per-epoch metrics.json sits in the same tree and must be ignored.
+    (folder / "checkpoint_000000").mkdir(exist_ok=True)
+    (folder / "checkpoint_000000" / "metrics.json").write_text(json.dumps({"val/iou": 0.9, "epoch": 1}))
+
+
+@pytest.fixture
+def grid_runs(tmp_path: Path) -> Path:
+    storage = tmp_path / "runs"
+    grid = "kd-grid"
+    write_run(storage, f"{grid}/unet-xception_teacher", "supervised", {"input": "optical"}, 0.70)
+    write_run(storage, f"{grid}/unet-xception_sar", "supervised", {"input": "sar"}, 0.45)
+    for token, layers, iou in (("mid", "mid", 0.10), ("mf", "mid+fin", 0.40), ("int", "int", 0.42)):
+        write_run(storage, f"{grid}/unet-xception_{token}", "kd", {"layers": layers}, iou)
+        for stage, freeze, gain in (("ft-d", True, 0.05), ("ft-a", False, 0.10)):
+            write_run(
+                storage, f"{grid}/unet-xception_{token}_{stage}", "supervised",
+                {"input": "sar", "init": "student", "init_export": "model", "freeze_encoder": freeze}, iou + gain,
+            )
+    # A demo chain on a model that is not a paper column, with phase names that carry no layer set.
+    write_run(storage, "kd-demo/teacher", "supervised", {"input": "optical"}, 0.80, SMALL_UNET)
+    write_run(storage, "kd-demo/sar_scratch", "supervised", {"input": "sar"}, 0.30, SMALL_UNET)
+    write_run(storage, "kd-demo/reconstruct", "kd", {"layers": "int"}, 0.20, SMALL_UNET)
+    write_run(storage, "kd-demo/ft_a", "supervised", {"input": "sar", "init": "student", "init_export": "model"}, 0.35, SMALL_UNET)
+    # A label-fraction run, a run of an unknown method and a failed run without metrics.
+    write_run(storage, "kd-lf/int_ft-a_lf005", "supervised", {"input": "sar", "init": "student"}, 0.30, fraction=0.05)
+    write_run(storage, "kd-lf/int", "kd", {"layers": "int"}, 0.40)
+    write_run(storage, "other/thing", "no-such-method", {}, 0.5)
+    write_run(storage, "kd-grid/unet-xception_fin", "kd", {"layers": "fin"}, None)
+    return storage
+
+
+def test_collect_runs_reads_only_run_summaries(grid_runs: Path):
+    runs = collect_runs(grid_runs)
+    assert len(runs) == 19
+    assert all("checkpoint_" not in run["results_dir"] for run in runs)
+    assert {run["phase"] for run in runs} >= {"unet-xception_int_ft-a", "ft_a"}
+    with pytest.raises(ConfigError, match="does not exist"):
+        collect_runs(grid_runs / "missing")
+
+
+def test_report_renders_table_2_with_paper_numbers(grid_runs: Path, tmp_path: Path, capsys):
+    files = render_run_report(grid_runs, tmp_path / "out")
+    assert files.markdown.read_text() == files.text == capsys.readouterr().out
+    text = files.text
+    assert "Table 2" in text and "UNet Xception" in text and "Int+Ft-A" in text
+    # Ours beside the paper's: UNet Xception Int+Ft-A is 53.45 in the paper, 52.00 here.
+    assert "52.00 / 53.45" in text and "45.00 / 48.61" in text
+    # The demo's small UNet gets its own column with no paper numbers; its ft_a finds its kd run.
+    assert "unet:resnet18" in text and "35.00 / -" in text
+    assert "other/thing" in text  # unclaimed runs are still listed
+
+    with files.csv.open() as handle:
+        rows = list(csv.DictReader(handle))
+    cell = {(r["row"], r["column"]): r for r in rows if r["table"] == "kd-table2"}
+    assert cell[("int/ft_a", "unet-xception")]["ours"] == "52.00"
+    assert cell[("int/ft_a", "unet-xception")]["paper"] == "53.45"
+    assert cell[("int/ft_a", "unet-xception")]["delta"] == "-1.45"
+    assert cell[("mid+fin/ft_d", "unet-xception")]["ours"] == "45.00"
+    assert cell[("int/ft_a", "unet:resnet18")]["runs"] == "kd-demo/ft_a"
+    assert cell[("int/ft_a@0.05", "unet-xception")]["ours"] == "30.00"
+    assert cell[("fin", "unet-xception")]["ours"] == "" and cell[("fin", "unet-xception")]["paper"] == "39.67"
+    assert cell[("sar", "deeplabv3plus-resnet50")]["paper"] == "34.33" and cell[("sar", "deeplabv3plus-resnet50")]["n_runs"] == "0"
+    assert any(r["table"] == "other" and r["row"] == "other/thing" for r in rows)
+
+
+def test_declarative_match_rules_without_a_classifier(grid_runs: Path):
+    spec = {
+        "key": "toy",
+        "metric": "test/iou",
+        "scale": 1.0,
+        "rows": [{"key": "sar", "label": "SAR", "match": {"method": "supervised", "method_settings.input": "sar", "phase": "*sar*"}}],
+        "columns": [{"key": "x", "label": "X", "match": {"model.encoder": ["xception", "tu-xception65"]}}],
+        "paper": {"sar": {"x": 0.5}},
+    }
+    tables, others = build_report(collect_runs(grid_runs), lookup=lambda method: [(spec, None)])
+    (table,) = tables
+    cell = table.cells[("sar", "x")]
+    assert [run["name"] for run in cell.runs] == ["kd-grid/unet-xception_sar"] and cell.ours == pytest.approx(0.45)
+    assert len(others) == 18
+
+
+def test_report_needs_runs(tmp_path: Path):
+    with pytest.raises(ConfigError, match="no run summaries"):
+        render_run_report(tmp_path, echo=False)
