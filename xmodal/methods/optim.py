@@ -25,8 +25,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSettings, step
     """A scheduler stepped once per optimiser step."""
     total = max(1, optim.epochs * max(1, steps_per_epoch))
     if optim.schedule == "onecycle":
+        # OneCycleLR divides by its phase lengths: very short runs (a few steps) need a floor.
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total + 1, pct_start=0.25
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(total + 1, 16), pct_start=0.25
         )
     if optim.schedule == "cosine":
         warmup = optim.warmup_epochs * max(1, steps_per_epoch)
