@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ray.tune.search import ConcurrencyLimiter, Repeater
+
 from xmodal.engine.config import ExperimentConfig, phase_config
+from xmodal.engine.sweep_report import FINAL_KEY, RUN_FILE, SPEC_FILE
 from xmodal.engine.sweep_spec import GRID_POINT_KEY, SEED_KEY, SweepSpec, load_sweep
 from xmodal.errors import ConfigError, XmodalError
 
-SPEC_FILE = "sweep.json"
 STUDY_FILE = "optuna.db"
-RUN_FILE = "sweep_run.json"
-FINAL_KEY = "sweep/final"  # marks the last row of a trial: test metrics after training
 
 
 @dataclass
@@ -43,9 +43,12 @@ class SweepResult:
     """What a sweep produced.
 
     Attributes:
-        name: Sweep name; sweep_dir: its folder (or URI).
-        metric, mode: What ranked the trials.
-        best: Best finished trial: ``trial_id``, ``params`` (choice names), ``seed``, ``metrics``.
+        name: Sweep name.
+        sweep_dir: Its folder (or URI).
+        metric: Metric that ranked the trials.
+        mode: ``max`` or ``min``.
+        best: Best finished trial: ``trial_id``, ``params`` (choice names), ``seed``,
+            ``metrics`` (latest of each) and ``value`` (its final ``metric``).
         states: Trial count per state (``TERMINATED``, ``ERROR``, ``STOPPED`` early...).
         errors: Error line per errored trial id.
         wall_seconds: Wall time of this call.
@@ -53,6 +56,7 @@ class SweepResult:
         busy_share: Share of ``max_concurrent_trials`` x wall time that trials were running.
         max_concurrent_trials: Trial slots the sweep ran with.
         study_storage: Optuna storage URL (``None`` for grid sweeps or in-memory studies).
+        trials: Every trial as :func:`~xmodal.engine.sweep_report.load_trials` reads it.
     """
 
     name: str
@@ -78,7 +82,7 @@ class SweepResult:
             f"of {self.max_concurrent_trials} x wall time",
         ]
         if self.best:
-            value = self.best["metrics"].get(self.metric)
+            value = self.best["value"]
             params = ", ".join(f"{k}={v}" for k, v in self.best["params"].items())
             seed = "" if self.best.get("seed") is None else f" seed={self.best['seed']}"
             lines.append(f"  best {self.metric} ({self.mode}) {value:.4f}: {params}{seed}  [trial {self.best['trial_id']}]")
@@ -160,52 +164,44 @@ def concurrent_trials(cluster: dict[str, float], per_trial: dict[str, float], da
 # ----------------------------------------------------------------------------- searchers
 
 
-def _searcher_state_io(cls: type) -> type:
-    """A Ray searcher wrapper that also saves its own state (Ray's save only the inner searcher).
+class _KeepsOwnState:
+    """Mixin for Ray's searcher wrappers: save their own state with the inner searcher's.
 
-    ``ConcurrencyLimiter`` and ``Repeater`` forget which trials are live / which seeds belong
-    together on ``Tuner.restore``; a resumed sweep then never tells Optuna about trials that were
-    running when it stopped. These subclasses keep that state with the searcher checkpoint.
+    Ray's ``ConcurrencyLimiter`` and ``Repeater`` save only the searcher they wrap, so after
+    ``Tuner.restore`` they forget which trials are live and which seeds belong together, and a
+    resumed sweep never tells Optuna about the trials that were running when it stopped.
     """
 
-    class Stateful(cls):  # type: ignore[misc, valid-type]
-        def save(self, checkpoint_path: str) -> None:
-            inner = checkpoint_path + ".inner"
-            self.searcher.save(inner)
-            blob = {"own": self.get_state(), "inner": Path(inner).read_bytes() if os.path.exists(inner) else None}
-            if os.path.exists(inner):
-                os.remove(inner)
-            with open(checkpoint_path, "wb") as handle:
-                pickle.dump(blob, handle)
+    searcher: Any
 
-        def restore(self, checkpoint_path: str) -> None:
-            with open(checkpoint_path, "rb") as handle:
-                blob = pickle.load(handle)
-            self.set_state(blob["own"])
-            if blob["inner"] is not None:
-                with tempfile.NamedTemporaryFile(delete=False) as handle:
-                    handle.write(blob["inner"])
-                try:
-                    self.searcher.restore(handle.name)
-                finally:
-                    os.remove(handle.name)
+    def save(self, checkpoint_path: str) -> None:
+        inner = checkpoint_path + ".inner"
+        self.searcher.save(inner)
+        blob = {"own": self.get_state(), "inner": Path(inner).read_bytes() if os.path.exists(inner) else None}
+        if os.path.exists(inner):
+            os.remove(inner)
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump(blob, handle)
 
-    Stateful.__name__ = Stateful.__qualname__ = f"Stateful{cls.__name__}"
-    return Stateful
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as handle:
+            blob = pickle.load(handle)
+        self.set_state(blob["own"])
+        if blob["inner"] is not None:
+            with tempfile.NamedTemporaryFile(delete=False) as handle:
+                handle.write(blob["inner"])
+            try:
+                self.searcher.restore(handle.name)
+            finally:
+                os.remove(handle.name)
 
 
-def _stateful_classes() -> tuple[type, type]:
-    from ray.tune.search import ConcurrencyLimiter, Repeater
-
-    global StatefulLimiter, StatefulRepeater
-    if StatefulLimiter is None:
-        StatefulLimiter = _searcher_state_io(ConcurrencyLimiter)
-        StatefulRepeater = _searcher_state_io(Repeater)
-    return StatefulLimiter, StatefulRepeater
+class StatefulLimiter(_KeepsOwnState, ConcurrencyLimiter):
+    """``ConcurrencyLimiter`` that remembers its live trials across ``Tuner.restore``."""
 
 
-StatefulLimiter: type | None = None
-StatefulRepeater: type | None = None
+class StatefulRepeater(_KeepsOwnState, Repeater):
+    """``Repeater`` (one configuration x several seeds) that remembers its groups across ``Tuner.restore``."""
 
 
 def make_search(spec: SweepSpec, max_concurrent: int) -> tuple[Any, dict[str, Any], int]:
@@ -223,7 +219,6 @@ def make_search(spec: SweepSpec, max_concurrent: int) -> tuple[Any, dict[str, An
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    limiter_cls, repeater_cls = _stateful_classes()
     sampler = (
         optuna.samplers.RandomSampler(seed=settings.sampler_seed)
         if settings.search == "random"
@@ -233,8 +228,8 @@ def make_search(spec: SweepSpec, max_concurrent: int) -> tuple[Any, dict[str, An
     storage = optuna.storages.RDBStorage(url) if url else None
     searcher: Any = OptunaSearch(spec.suggest, metric=spec.metric, mode=spec.mode, sampler=sampler, study_name=spec.name, storage=storage)
     if len(seeds) > 1:
-        searcher = repeater_cls(searcher, repeat=len(seeds), set_index=True)
-    return limiter_cls(searcher, max_concurrent=max_concurrent), {}, settings.num_samples * len(seeds)
+        searcher = StatefulRepeater(searcher, repeat=len(seeds), set_index=True)
+    return StatefulLimiter(searcher, max_concurrent=max_concurrent), {}, settings.num_samples * len(seeds)
 
 
 # ----------------------------------------------------------------------------- the trial
@@ -484,10 +479,13 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
         import ray
 
         slots = settings.max_concurrent_trials
+        if resume:  # a restored sweep keeps the concurrency it started with
+            slots = json.loads(_read_text(folder.rstrip("/") + "/" + RUN_FILE) or "{}").get("max_concurrent_trials", slots)
         if slots == "auto":
             slots = concurrent_trials(ray.cluster_resources(), per_trial, base.scaling.data_cpus)
         trainable = tune.with_resources(tune.with_parameters(sweep_trial, plan=plan), {"cpu": settings.trial_cpus})
         if resume:
+            keep_trial_results(folder)
             tuner = tune.Tuner.restore(folder, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False)
             print(f"[sweep {spec.name}] resuming from {folder}", flush=True)
         else:
@@ -541,6 +539,21 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
     return summarise_sweep(spec, folder, started, ended, int(slots))
 
 
+def keep_trial_results(folder: str) -> None:
+    """Copy each trial's ``result.json`` aside before a resume.
+
+    Tune restarts an interrupted function trial with a fresh ``result.json`` (the Train run resumes
+    from its checkpoint, but the epochs reported before the interruption would vanish from Tune's
+    files); the report reads the copies too.
+    """
+    if is_remote(folder):
+        return  # cloud folders: the runs' own TensorBoard logs keep every epoch
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for result in Path(folder).glob("trial-*/result.json"):
+        if result.stat().st_size:
+            (result.parent / f"result-before-{stamp}.json").write_bytes(result.read_bytes())
+
+
 def _record_session(folder: str, slots: int, started: float, ended: float | None, resume: bool) -> None:
     """Keep each launch of the sweep (slots, start, end) in ``sweep_run.json`` for the report."""
     location = folder.rstrip("/") + "/" + RUN_FILE
@@ -552,7 +565,7 @@ def _record_session(folder: str, slots: int, started: float, ended: float | None
 
 def summarise_sweep(spec: SweepSpec, folder: str, started: float, ended: float, slots: int) -> SweepResult:
     """Read the sweep folder back into a :class:`SweepResult` (figures for the time window)."""
-    from xmodal.engine.sweep_report import best_trial, load_trials, utilisation
+    from xmodal.engine.sweep_report import best_trial, final_value, load_trials, utilisation
 
     trials = load_trials(folder)
     usage = utilisation(trials, slots, window=(started, ended))
@@ -565,7 +578,7 @@ def summarise_sweep(spec: SweepSpec, folder: str, started: float, ended: float, 
         sweep_dir=folder,
         metric=spec.metric,
         mode=spec.mode,
-        best=None if best is None else {k: best[k] for k in ("trial_id", "params", "seed", "metrics")},
+        best=None if best is None else {**{k: best[k] for k in ("trial_id", "params", "seed", "metrics")}, "value": final_value(best, spec.metric)},
         states=states,
         errors={t["trial_id"]: t["error"] for t in trials if t.get("error")},
         wall_seconds=ended - started,

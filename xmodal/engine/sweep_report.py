@@ -28,7 +28,8 @@ from xmodal.engine.sweep_spec import SweepSpec, split_trial_config
 from xmodal.errors import ConfigError
 
 SPEC_FILE = "sweep.json"
-FINAL_KEY = "sweep/final"
+RUN_FILE = "sweep_run.json"
+FINAL_KEY = "sweep/final"  # marks a trial's last row: its test metrics after training
 REPORT_DIR = "report"
 LABEL_FRACTION_KEY = "data.label_fraction"
 # Tune trial states shown as they are; trials with neither a final report nor an error were
@@ -86,7 +87,7 @@ def fetch_sweep_folder(uri: str, dest: str | Path) -> Path:
 
     fs, root = pyarrow.fs.FileSystem.from_uri(uri.rstrip("/"))
     dest = Path(dest)
-    wanted = {"params.json", "result.json", "error.txt", SPEC_FILE, "sweep_run.json"}
+    wanted = {"params.json", "result.json", "error.txt", SPEC_FILE, RUN_FILE}
     try:
         infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
     except (FileNotFoundError, OSError) as exc:
@@ -97,7 +98,7 @@ def fetch_sweep_folder(uri: str, dest: str | Path) -> Path:
         name = relative.rsplit("/", 1)[-1]
         if info.type != pyarrow.fs.FileType.File or top in ("runs", "results", REPORT_DIR):
             continue
-        if name in wanted or (name.startswith("experiment_state-") and name.endswith(".json")):
+        if name in wanted or (name.startswith(("experiment_state-", "result-before-")) and name.endswith(".json")):
             target = dest / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             with fs.open_input_stream(info.path) as handle:
@@ -134,7 +135,10 @@ def load_trials(folder: str | Path) -> list[dict[str, Any]]:
     for params_file in sorted(folder.glob("*/params.json")):
         trial_dir = params_file.parent
         tune_config = json.loads(params_file.read_text())
-        rows = _read_rows(trial_dir / "result.json")
+        # result-before-*.json: what a trial reported before the sweep was interrupted and resumed.
+        rows = []
+        for part in sorted(trial_dir.glob("result-before-*.json")) + [trial_dir / "result.json"]:
+            rows += [r for r in _read_rows(part) if r not in rows]
         trial_id = str(rows[0]["trial_id"]) if rows else trial_dir.name.removeprefix("trial-")
         params, seed = split_trial_config(tune_config, keys, seeds) if spec else (tune_config, None)
         epochs = [r for r in rows if not r.get(FINAL_KEY)]
@@ -363,8 +367,8 @@ def render_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) ->
         writer.writerows([[_fmt(v) for v in row] for row in rows])
 
     best = best_trial(trials, metric, mode)
-    slots = _slots(folder, spec)
-    usage = utilisation(trials, slots)
+    slots, sessions = _sessions(folder, spec)
+    usage = session_utilisation(trials, slots, sessions)
     figures = _figures(plt, trials, spec, keys, metric, out_dir)
 
     best_yaml = None
@@ -429,17 +433,36 @@ def render_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) ->
     return files
 
 
-def _slots(folder: Path, spec: SweepSpec | None) -> int:
-    """Trial slots the sweep ran with (from Tune's saved config when available)."""
-    summary = folder / "sweep_run.json"
-    if summary.is_file():
-        try:
-            return int(json.loads(summary.read_text())["max_concurrent_trials"])
-        except (KeyError, ValueError, json.JSONDecodeError):
-            pass
-    if spec and isinstance(spec.settings.max_concurrent_trials, int):
-        return spec.settings.max_concurrent_trials
-    return 1
+def _sessions(folder: Path, spec: SweepSpec | None) -> tuple[int, list[tuple[float, float]]]:
+    """Trial slots and (start, end) of each finished launch of the sweep (``sweep_run.json``)."""
+    slots = spec.settings.max_concurrent_trials if spec and isinstance(spec.settings.max_concurrent_trials, int) else 1
+    path = folder / RUN_FILE
+    if not path.is_file():
+        return slots, []
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return slots, []
+    sessions = [(float(x["started"]), float(x["ended"])) for x in record.get("sessions", []) if x.get("ended")]
+    return int(record.get("max_concurrent_trials", slots)), sessions
+
+
+def session_utilisation(trials: list[dict[str, Any]], slots: int, sessions: list[tuple[float, float]]) -> dict[str, float]:
+    """:func:`utilisation` summed over the launches of a sweep (an interrupted and resumed sweep
+    does not count the time nothing ran); over first start to last end without launch records."""
+    if not sessions:
+        return utilisation(trials, slots)
+    parts = [utilisation(trials, slots, window) for window in sessions]
+    wall = sum(p["wall_seconds"] for p in parts)
+    busy = sum(p["busy_seconds"] for p in parts)
+    ended = sum(p["trials_ended"] for p in parts)
+    return {
+        "wall_seconds": wall,
+        "trials_ended": ended,
+        "trials_per_hour": ended * 3600.0 / max(wall, 1e-9),
+        "busy_seconds": busy,
+        "busy_share": min(1.0, busy / (max(slots, 1) * max(wall, 1e-9))),
+    }
 
 
 def _figures(plt: Any, trials: list[dict[str, Any]], spec: SweepSpec | None, keys: list[str], metric: str, out_dir: Path) -> list[Path]:
