@@ -37,7 +37,7 @@ trap stop_head EXIT
 
 "$RAY_BIN" job submit --address "$RAY_API_SERVER_ADDRESS" --submission-id "xmodal-smoke-$(date +%s)" \
   --working-dir . --runtime-env cluster/runtime_env.local.yaml --entrypoint-num-cpus 0 -- \
-  "$PY" -m xmodal.job sweep experiments/sweeps/smoke.yaml \
+  "$PY" -m xmodal.cli.main sweep experiments/sweeps/smoke.yaml \
   "data.root=$WORK/world" "sweep.storage=$WORK/sweeps" sweep.num_samples=2 train.epochs=1 "$@"
 
 echo "sweep folder: $WORK/sweeps/smoke (report in $WORK/sweeps/smoke/report)"
