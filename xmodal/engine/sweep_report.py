@@ -481,9 +481,10 @@ def _figures(plt: Any, trials: list[dict[str, Any]], spec: SweepSpec | None, key
             position = {str(n): i for i, n in enumerate(names)}
             seen: dict[str, int] = {}
             xs = []
-            for x, _, _ in points:  # spread the points of one choice a little, centred on it
-                seen[str(x)] = seen.get(str(x), 0) + 1
-                xs.append(position.get(str(x), 0) + 0.06 * ((seen[str(x)] - 1) % 7 - 3) * (1 if seen[str(x)] % 2 else -1))
+            for x, _, _ in points:  # spread the points of one choice a little: 0, +d, -d, +2d, ...
+                k = seen.get(str(x), 0)
+                seen[str(x)] = k + 1
+                xs.append(position.get(str(x), 0) + 0.05 * ((k + 1) // 2 % 8) * (1 if k % 2 else -1))
             ax.set_xticks(range(len(names)), [str(n) for n in names])
             ax.set_xlim(-0.5, len(names) - 0.5)
         for state in colours:
@@ -537,12 +538,13 @@ def _figures(plt: Any, trials: list[dict[str, Any]], spec: SweepSpec | None, key
             value = final_value(t, metric)
             if value is None:
                 continue
-            label = ", ".join(f"{k}={_fmt(t['params'].get(k))}" for k in others if k in t["params"]) or metric
+            group = ", ".join(f"{k}={_fmt(t['params'].get(k))}" for k in others if k in t["params"])
             fraction = float(spec.parameter(LABEL_FRACTION_KEY).value(t["params"][LABEL_FRACTION_KEY]) if spec else t["params"][LABEL_FRACTION_KEY])
-            series.setdefault(label, {}).setdefault(fraction, []).append(value)
-            tests = (t["final"] or {}).get(metric.replace("val/", "test/"))
+            series.setdefault(f"{metric} {group}".strip(), {}).setdefault(fraction, []).append(value)
+            test_metric = metric.replace("val/", "test/")
+            tests = (t["final"] or {}).get(test_metric)
             if isinstance(tests, (int, float)) and metric.startswith("val/"):
-                series.setdefault(f"{label} (test)", {}).setdefault(fraction, []).append(float(tests))
+                series.setdefault(f"{test_metric} {group}".strip(), {}).setdefault(fraction, []).append(float(tests))
         for label, by_fraction in series.items():
             xs = sorted(by_fraction)
             means = [sum(by_fraction[x]) / len(by_fraction[x]) for x in xs]

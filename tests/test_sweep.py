@@ -1,0 +1,325 @@
+"""Sweeps: config validation, search spaces, resumable searchers, local Ray set-up, reports.
+
+None of these tests starts Ray. The full path (one command,
+two knobs, a Train worker killed and resumed from its checkpoint, the report) runs as a job on a
+Ray head in tests/test_cluster.py, so nothing here touches the session's ``ray_local``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from xmodal.engine.sweep import _check_same_sweep, concurrent_trials, make_search, run_sweep, sweep_dir, trial_resources
+from xmodal.engine.sweep_report import load_trials, render_sweep_report, seed_groups, utilisation
+from xmodal.engine.sweep_spec import REPEAT_INDEX_KEY, SweepSpec, load_sweep
+from xmodal.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE = REPO / "experiments" / "baselines" / "sar-buildings.yaml"
+SWEEP_FILES = sorted({*REPO.glob("experiments/*/sweep*.yaml"), *REPO.glob("experiments/sweeps/*.yaml")})
+
+
+def sweep_dict(**parameters) -> dict:
+    """A sweep over the SAR baseline with the given parameters (default: the learning rate)."""
+    return {
+        "base": str(BASELINE),
+        "name": "unit",
+        "sweep": {"parameters": parameters or {"train.lr": {"type": "loguniform", "low": "1e-4", "high": 1e-2}}},
+    }
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_shipped_sweep_configs_validate(path: Path):
+    spec = load_sweep(path)
+    assert spec.parameters and spec.metric.startswith("val/")
+    assert spec.settings.storage.startswith("/"), "relative storage is resolved before trials change folder"
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["sweep"]["parameters"].update({"train.lrr": [0.1, 0.2]}), r"sweep.parameters.train.lrr: is not a config key.*did you mean 'train.lr'"),
+        (lambda d: d["sweep"]["parameters"].update({"trian.lr": [0.1]}), r"sweep.parameters.trian.lr: not a config key"),
+        (lambda d: d["sweep"]["parameters"].update({"method_settings.dice": [1.0]}), r"method_settings.dice: is not a config key"),
+        (lambda d: d["sweep"].update({"num_sample": 3}), r"unknown key 'sweep.num_sample'; did you mean 'sweep.num_samples'"),
+        (lambda d: d.update({"sweeps": {}}), r"unknown section\(s\) \['sweeps'\]"),
+        (lambda d: d["sweep"]["parameters"].update({"train.optimizer": ["adamw", "lion"]}), r"train.optimizer: value 'lion' is invalid"),
+        (lambda d: d["sweep"]["parameters"].update({"train.epochs": {"type": "int", "low": 0, "high": 3}}), r"train.epochs: value 0 is invalid"),
+        (lambda d: d["sweep"]["parameters"].update({"train.lr": {"type": "loguniform", "low": 0, "high": 1}}), r"train.lr: a loguniform range needs low > 0"),
+        (lambda d: d["sweep"]["parameters"].update({"train.lr": {"type": "normal", "low": 0, "high": 1}}), r"train.lr.type='normal'"),
+        (lambda d: d["sweep"]["parameters"].update({"model.decoder_channels": [[8, 8], [16, 8]]}), r"name such choices with a mapping"),
+        (lambda d: d["sweep"]["parameters"].update({"train.momentum": {"type": "uniform", "low": 0.8, "high": 0.9, "when": {"train.optimizer": "sgd"}}}), r"must be a choice parameter declared before"),
+        (lambda d: d["sweep"].update({"search": "grid"}), r"sweep.search=grid enumerates choices only; sweep.parameters \['train.lr'\]"),
+        (lambda d: d["sweep"].update({"seeds": [0, 1], "scheduler": "asha"}), r"asha with several sweep.seeds"),
+        (lambda d: d["sweep"].update({"seed_keys": ["train.sed"]}), r"sweep.seed_keys: 'train.sed' is not a config key"),
+        (lambda d: d.update({"run": {"eval_every": 2}}), r"run.eval_every must be 1"),
+        (lambda d: d["sweep"].pop("parameters"), r"sweep.parameters must map dotted config keys"),
+    ],
+)
+def test_invalid_sweeps_are_refused_naming_the_key(mutate, message):
+    raw = sweep_dict()
+    mutate(raw)
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(raw)
+
+
+def test_overrides_reach_experiment_and_sweep_sections():
+    spec = load_sweep(sweep_dict(), ["train.epochs=3", "sweep.num_samples=5", "name=renamed", "sweep.storage=/tmp/x"])
+    assert spec.experiment["train"]["epochs"] == 3 and spec.settings.num_samples == 5
+    assert spec.name == "renamed" and sweep_dir(spec) == "/tmp/x/renamed"
+    assert spec.max_epochs == 3
+
+
+def test_conditional_parameter_exists_only_in_its_branch_and_every_draw_builds():
+    import optuna
+
+    spec = load_sweep(
+        sweep_dict(
+            **{
+                "train.optimizer": ["adamw", "sgd"],
+                "train.momentum": {"type": "uniform", "low": 0.8, "high": 0.99, "when": {"train.optimizer": "sgd"}},
+                "model.decoder_channels": {"type": "choice", "values": {"narrow": [64, 32, 16, 16, 8], "wide": [256, 128, 64, 32, 16]}},
+                "train.epochs": {"type": "int", "low": 2, "high": 6, "step": 2},
+            }
+        )
+    )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=1))
+    branches = set()
+    for _ in range(24):
+        trial = study.ask()
+        spec.suggest(trial)
+        params = dict(trial.params)
+        assert ("train.momentum" in params) == (params["train.optimizer"] == "sgd"), params
+        assert params["model.decoder_channels"] in ("narrow", "wide") and params["train.epochs"] in (2, 4, 6)
+        config = spec.build_trial(params, None, "draw")
+        assert config.model.decoder_channels == spec.parameter("model.decoder_channels").choices[params["model.decoder_channels"]]
+        branches.add(params["train.optimizer"])
+        study.tell(trial, 0.5)
+    assert branches == {"adamw", "sgd"}
+    assert spec.max_epochs == 6
+
+
+def test_grid_with_seeds_enumerates_points_times_seeds():
+    raw = sweep_dict(
+        **{
+            "data.label_fraction": [0.25, 1.0],
+            "method_settings.input": ["sar", "optical"],
+            "method_settings.dice_weight": {"type": "choice", "values": [0.0, 1.0], "when": {"method_settings.input": "sar"}},
+        }
+    )
+    raw["sweep"].update({"search": "grid", "seeds": [0, 1, 2], "seed_keys": ["train.seed", "data.label_seed"]})
+    spec = load_sweep(raw)
+    points = spec.grid_points()
+    # sar x 2 dice weights + optical (no dice weight), for each fraction.
+    assert len(points) == 2 * 3
+    assert all(("method_settings.dice_weight" in p) == (p["method_settings.input"] == "sar") for p in points)
+    search, space, samples = make_search(spec, max_concurrent=2)
+    assert search is None and samples == 1
+    assert space["point"]["grid_search"] == points and space["seed"]["grid_search"] == [0, 1, 2]
+    params, seed = spec.trial_params({"point": points[0], "seed": 2})
+    config = spec.build_trial(params, seed, "t")
+    assert config.train.seed == 2 and config.data.label_seed == 2
+
+
+def test_repeated_seeds_with_optuna_map_trial_index_to_seed():
+    raw = sweep_dict()
+    raw["sweep"].update({"seeds": [7, 8], "num_samples": 3})
+    spec = load_sweep(raw)
+    assert spec.trial_params({"train.lr": 0.01, REPEAT_INDEX_KEY: 1}) == ({"train.lr": 0.01}, 8)
+
+
+def test_concurrency_from_resources():
+    # This machine's tests: 4 logical CPUs, 1 Train worker + trial actor (2 CPUs) + 1 data CPU -> 1 slot.
+    spec = load_sweep(sweep_dict(), ["scaling.num_workers=1", "scaling.data_cpus=1"])
+    per_trial = trial_resources(spec.build_trial({}, None, "t"), trial_cpus=1)
+    assert per_trial == {"CPU": 2.0}
+    assert concurrent_trials({"CPU": 4.0}, per_trial, data_cpus=1) == 1
+    assert concurrent_trials({"CPU": 16.0}, per_trial, data_cpus=1) == 5
+    # GPU cluster: 8 GPUs, trials of 2 GPU workers -> GPUs decide.
+    gpu = {"CPU": 2.0 * 4 + 1, "GPU": 2.0}
+    assert concurrent_trials({"CPU": 64.0, "GPU": 8.0}, gpu, data_cpus=4) == 4
+    assert concurrent_trials({"CPU": 64.0, "GPU": 0.0}, gpu, data_cpus=4) == 1  # autoscaler adds GPUs later
+
+
+def test_resume_refuses_a_changed_sweep_and_a_new_sweep_refuses_an_existing_one(tmp_path: Path):
+    spec = load_sweep(sweep_dict(), [f"sweep.storage={tmp_path}"])
+    stored = json.loads(json.dumps(spec.to_plain()))
+    changed = load_sweep(sweep_dict(), [f"sweep.storage={tmp_path}", "train.epochs=7"])
+    with pytest.raises(ConfigError, match=r"started with another config \(experiment.\{train\} differ"):
+        _check_same_sweep(stored, changed, "folder")
+    _check_same_sweep(stored, spec, "folder")  # the same config resumes
+    folder = Path(sweep_dir(spec))
+    folder.mkdir(parents=True)
+    (folder / "tuner.pkl").write_bytes(b"")  # what Tune leaves in an experiment folder
+    with pytest.raises(ConfigError, match="already exists.*--resume"):
+        run_sweep(spec)
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        run_sweep(load_sweep(sweep_dict(), [f"sweep.storage={tmp_path}", "name=other"]), resume=True)
+
+
+def test_searcher_state_survives_a_restore(tmp_path: Path):
+    """Seeds and live trials are remembered across Tuner.restore, so Optuna hears of every trial."""
+    import optuna
+
+    raw = sweep_dict()
+    raw["sweep"].update({"seeds": [0, 1], "num_samples": 2, "storage": str(tmp_path)})
+    spec = load_sweep(raw)
+    Path(sweep_dir(spec)).mkdir(parents=True)
+    searcher, _, samples = make_search(spec, max_concurrent=2)
+    assert samples == 4
+    first, second = searcher.suggest("t1"), searcher.suggest("t2")
+    assert first["train.lr"] == second["train.lr"] and {first[REPEAT_INDEX_KEY], second[REPEAT_INDEX_KEY]} == {0, 1}
+    checkpoint = tmp_path / "searcher.pkl"
+    searcher.save(str(checkpoint))
+
+    restored, _, _ = make_search(spec, max_concurrent=2)
+    restored.restore(str(checkpoint))
+    restored.on_trial_complete("t1", {"val/iou": 0.4, "training_iteration": 1})
+    restored.on_trial_complete("t2", {"val/iou": 0.6, "training_iteration": 1})
+    study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{sweep_dir(spec)}/optuna.db")
+    (trial,) = study.get_trials()
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == pytest.approx(0.5)  # mean over seeds
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def fabricate_sweep(folder: Path) -> SweepSpec:
+    """A label-fraction x seeds sweep folder as Tune and ``run_sweep`` leave it (no Ray needed)."""
+    raw = sweep_dict(**{"data.label_fraction": [0.25, 1.0]})
+    raw["sweep"].update({"search": "grid", "seeds": [0, 1], "storage": str(folder.parent), "max_concurrent_trials": 2})
+    raw["name"] = folder.name
+    spec = load_sweep(raw)
+    folder.mkdir(parents=True)
+    (folder / "sweep.json").write_text(json.dumps(spec.to_plain()))
+    (folder / "sweep_run.json").write_text(json.dumps({"max_concurrent_trials": 2, "sessions": []}))
+    start = 1_000_000.0
+    for i, (fraction, seed) in enumerate([(0.25, 0), (0.25, 1), (1.0, 0), (1.0, 1), (1.0, 2)]):
+        trial_dir = folder / f"trial-t{i}"
+        trial_dir.mkdir()
+        (trial_dir / "params.json").write_text(json.dumps({"point": {"data.label_fraction": fraction}, "seed": seed}))
+        rows = []
+        clock = start + 50 * (i // 2)  # two trials at a time, 50 s each (trial 4 alone)
+        for epoch in (1, 2):
+            clock += 20
+            rows.append({"trial_id": f"t{i}", "epoch": epoch, "val/iou": 0.2 * fraction * epoch + 0.01 * seed, "train/loss": 1.0 / epoch, "timestamp": clock, "time_this_iter_s": 20.0})
+        if i == 4:
+            (trial_dir / "error.txt").write_text("Failure # 1 (occurred at ...)\nTraceback ...\nRuntimeError: worker died\n")
+        else:
+            clock += 10
+            rows.append({"trial_id": f"t{i}", "epoch": 2, "val/iou": rows[-1]["val/iou"], "test/iou": 0.3 * fraction, "sweep/final": 1, "timestamp": clock, "time_this_iter_s": 10.0})
+        (trial_dir / "result.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return spec
+
+
+def test_report_of_a_label_fraction_sweep(tmp_path: Path):
+    folder = tmp_path / "fractions"
+    fabricate_sweep(folder)
+    trials = load_trials(folder)
+    assert {t["state"] for t in trials} == {"TERMINATED", "ERROR"}
+    assert next(t for t in trials if t["state"] == "ERROR")["error"] == "RuntimeError: worker died"
+    usage = utilisation(trials, slots=2)
+    # Busy: 4 trials x 50 s + 40 s (errored one) over 2 slots x 140 s of wall time.
+    assert usage["wall_seconds"] == pytest.approx(140.0)
+    assert usage["busy_share"] == pytest.approx(240.0 / 280.0)
+    groups = {g["params"]["data.label_fraction"]: g for g in seed_groups(trials, "val/iou")}
+    assert groups[1.0]["n"] == 2 and groups[1.0]["mean"] == pytest.approx(0.405) and groups[1.0]["std"] > 0
+
+    files = render_sweep_report(folder)
+    names = {p.name for p in files}
+    assert {"report.md", "trials.csv", "best.yaml", "learning_curves.png", "label_fraction.png", "metric_vs_data.label_fraction.png"} <= names
+    assert all(p.stat().st_size > 0 for p in files)
+    report = (folder / "report" / "report.md").read_text()
+    assert "## Best configuration" in report and "## Configurations over seeds" in report and "busy 86%" in report
+    rows = list(csv.DictReader((folder / "report" / "trials.csv").open()))
+    assert len(rows) == 5 and {r["state"] for r in rows} == {"TERMINATED", "ERROR"}
+    best = (folder / "report" / "best.yaml").read_text()
+    assert "label_fraction: 1.0" in best and "seed: 1" in best
+
+
+def test_a_resumed_trial_keeps_the_epochs_it_reported_before_the_interruption(tmp_path: Path):
+    folder = tmp_path / "fractions"
+    fabricate_sweep(folder)
+    trial_dir = folder / "trial-t0"
+    rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+    # What `run_sweep(..., resume=True)` leaves: the old rows aside, Tune's fresh file with the rest.
+    (trial_dir / "result-before-20260101-000000.json").write_text(json.dumps(rows[0]) + "\n")
+    (trial_dir / "result.json").write_text("\n".join(json.dumps(r) for r in rows[1:]) + "\n")
+    (trial,) = [t for t in load_trials(folder) if t["trial_id"] == "t0"]
+    assert [r["epoch"] for r in trial["epochs"]] == [1, 2] and trial["final"] is not None
+
+
+def test_report_of_a_remote_sweep_folder_copies_only_small_files(tmp_path: Path):
+    folder = tmp_path / "bucket" / "fractions"
+    fabricate_sweep(folder)
+    (folder / "runs" / "trial-t0" / "checkpoint_0").mkdir(parents=True)
+    (folder / "runs" / "trial-t0" / "checkpoint_0" / "state.pt").write_bytes(b"0" * 1000)
+    uri = f"file://{folder}"  # any pyarrow filesystem: s3://, gs://, file://
+    assert len(load_trials(uri)) == 5
+    files = render_sweep_report(uri, tmp_path / "out")
+    assert files[0] == tmp_path / "out" / "report.md" and (tmp_path / "out" / "label_fraction.png").is_file()
+    assert not list((tmp_path / "out").rglob("state.pt")), "checkpoints stay remote"
+
+
+def test_report_refuses_a_folder_without_trials(tmp_path: Path):
+    with pytest.raises(ConfigError, match="no trials found"):
+        render_sweep_report(tmp_path)
+    with pytest.raises(ConfigError, match="no such sweep folder"):
+        render_sweep_report(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- a real sweep
+
+
+def test_cli_reports_a_sweep_folder_and_names_bad_keys(tmp_path: Path, capsys):
+    """`xmodal report SWEEP_DIR` and `xmodal sweep` with a bad key (exit status 2, key named)."""
+    from xmodal.cli.main import main
+
+    folder = tmp_path / "fractions"
+    fabricate_sweep(folder)
+    assert main(["report", str(folder), "--out", str(tmp_path / "out")]) == 0
+    assert "report.md" in capsys.readouterr().out and (tmp_path / "out" / "trials.csv").is_file()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: {BASELINE}\nsweep:\n  parameters:\n    train.lrr: [0.1, 0.2]\n")
+    assert main(["sweep", str(bad)]) == 2
+    assert "sweep.parameters.train.lrr: is not a config key" in capsys.readouterr().err
+
+
+def test_local_sweep_starts_ray_with_its_own_dashboard_on_loopback(monkeypatch):
+    """The Ray `xmodal sweep` starts for itself: dashboard on 127.0.0.1 (ASHA-stopped trials need its
+    State API to free their workers) and RAY_API_SERVER_ADDRESS pointing at it, because with several
+    Rays on one machine Train's cleaner cannot pick one. (ray.init is recorded, not run: the real
+    path runs in tests/test_cluster.py and in `xmodal sweep`.)"""
+    import ray
+
+    from xmodal.engine import sweep as sweep_module
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append((kwargs, os.environ.get("RAY_API_SERVER_ADDRESS"))))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "unset")  # start_ray overwrites it; monkeypatch restores it
+    spec = load_sweep(REPO / "experiments" / "sweeps" / "smoke.yaml")
+    base = sweep_module.base_experiment(spec)
+    assert sweep_module.start_ray(spec, base, trial_resources(base, 1.0)) is True
+    ((kwargs, api),) = calls
+    assert kwargs["include_dashboard"] is True and kwargs["dashboard_host"] == "127.0.0.1"
+    assert api == f"http://127.0.0.1:{kwargs['dashboard_port']}", "set before ray.init, so Ray's processes inherit it"
+    assert kwargs["num_cpus"] >= 3, "room for one trial: 1 Train worker + 1 trial actor + 1 data CPU"
+
+    # Connected to a Ray without a dashboard (e.g. a test session's): ASHA is refused, FIFO is fine.
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(sweep_module, "state_api_available", lambda: False)
+    with pytest.raises(ConfigError, match="asha needs the Ray dashboard"):
+        sweep_module.start_ray(spec, base, {"CPU": 2.0})
+    fifo = load_sweep(REPO / "experiments" / "sweeps" / "smoke.yaml", ["sweep.scheduler=fifo"])
+    assert sweep_module.start_ray(fifo, base, {"CPU": 2.0}) is False
