@@ -188,7 +188,7 @@ def _checksum_in_child(position: int) -> tuple[float, bool]:
     return float(np.nansum(sample.sar) + np.nansum(sample.optical)), so2sat_module._handles_pid == os.getpid()
 
 
-@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs the fork start method")
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="checks that HDF5 handles are reopened after os.fork; platforms without fork (Windows) never inherit handles")
 def test_cached_handles_survive_a_fork(v2_root: Path) -> None:
     global _FORKED_MANIFEST
     manifest = So2SatReader.index(v2_root).manifest
