@@ -33,7 +33,8 @@ trap stop_head EXIT
   --dashboard-port="$DASH" --port="$(free_port)" --ray-client-server-port="$(free_port)" \
   --dashboard-agent-listen-port="$(free_port)" --dashboard-agent-grpc-port="$(free_port)" \
   --runtime-env-agent-port="$(free_port)" --metrics-export-port="$(free_port)" \
-  --num-cpus=4 --disable-usage-stats --temp-dir="$WORK/ray"
+  --num-cpus=4 --disable-usage-stats --temp-dir="$WORK/ray" \
+  --system-config='{"idle_worker_killing_time_threshold_ms":600000}'
 
 "$RAY_BIN" job submit --address "$RAY_API_SERVER_ADDRESS" --submission-id "xmodal-smoke-$(date +%s)" \
   --working-dir . --runtime-env cluster/runtime_env.local.yaml --entrypoint-num-cpus 0 -- \

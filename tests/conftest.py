@@ -102,10 +102,8 @@ def ray_local():
     """One local Ray for the whole session (starting Ray costs seconds each time)."""
     import ray
 
-    from xmodal.engine.runner import quiet_ray_data
+    from xmodal.engine.session import connect
 
-    if not ray.is_initialized():
-        quiet_ray_data()
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, logging_level="error")
+    connect(None, max(4, os.cpu_count() or 1))
     yield ray
     ray.shutdown()

@@ -175,7 +175,8 @@ def ray_head() -> Iterator[dict]:
         PYTHONUNBUFFERED="1",
     )
     command = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-               "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={temp_dir}"] + [f"--{k}={v}" for k, v in ports.items()]
+               "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+               '--system-config={"idle_worker_killing_time_threshold_ms":600000}'] + [f"--{k}={v}" for k, v in ports.items()]
     try:
         started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
         assert started.returncode == 0, started.stdout + started.stderr

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from xmodal.data.manifest import Manifest
-from xmodal.data.pipeline import iterate_numpy
+from xmodal.data.torch_data import iterate_numpy
 from xmodal.data.prepared import DataSettings, prepare_data, write_stats
 from xmodal.data.splits import check_no_leakage, split_by_blocks
 from xmodal.engine.config import build_config
@@ -80,6 +80,10 @@ def test_two_worker_landcover_baseline_beats_chance_and_writes_results(tiny_worl
     state = torch.load(checkpoint / "state.pt", weights_only=False)
     assert state["epoch"] == 9 and (checkpoint / "exports" / "model.pt").is_file()
     first_steps = state["global_step"]
+    # The test split is scored with the weights that did best on validation (epoch 5 or 10).
+    best = state["best"]
+    assert summary["tested_epoch"] == best["epoch"] in (5, 10)
+    assert {k: v for k, v in result.metrics.items() if k.startswith("val/")} == best["val"]
 
     # Relaunching the same run resumes from its last checkpoint instead of retraining.
     again = build_config(tiny_config(tiny_world, tmp_path, train={"epochs": 11, "lr": 0.005, "schedule": "constant"}))
@@ -87,6 +91,9 @@ def test_two_worker_landcover_baseline_beats_chance_and_writes_results(tiny_worl
     state = torch.load(Path(resumed.checkpoint) / "state.pt", weights_only=False)
     # 10 resumed epochs + 1 new one, each with the same number of steps.
     assert state["epoch"] == 10 and state["global_step"] == 11 * (first_steps // 10)
+    # The best epoch survives the resume (its weights come back from Ray's kept checkpoint).
+    assert resumed.summary["tested_epoch"] == state["best"]["epoch"] >= best["epoch"]
+    assert {k: v for k, v in resumed.metrics.items() if k.startswith("val/")} == state["best"]["val"]
 
     # ...but never on top of a different model.
     clash = build_config(tiny_config(tiny_world, tmp_path, model={"arch": "fpn", "decoder_channels": None}))

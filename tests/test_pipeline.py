@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from xmodal.data.manifest import Manifest
-from xmodal.data.pipeline import build_dataset, iterate_numpy, torch_loader
+from xmodal.data.pipeline import build_dataset
+from xmodal.data.torch_data import iterate_numpy, torch_loader
 from xmodal.data.prepared import DataSettings, prepare_data
 from xmodal.data.store import pack
 from xmodal.errors import ConfigError, DataError

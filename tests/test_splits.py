@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from xmodal.data.manifest import make_record
-from xmodal.data.splits import check_no_leakage, find_leaks, split_by_blocks, split_by_region
+from xmodal.data.splits import SplitSettings, check_no_leakage, find_leaks, split_by_blocks, split_by_region
 from xmodal.errors import ConfigError, LeakageError
 
 
@@ -59,3 +59,28 @@ def test_other_crs_never_overlaps():
     records[1] = dict(records[0], tile_id="copy", crs="EPSG:32632", split="test")
     records[0]["split"] = "train"
     assert find_leaks(records) == []
+
+
+def test_block_split_holds_out_ground_in_every_region():
+    # 5 regions x 4 tiles, one block per tile: each region keeps 2 for train, 1 for val, 1 for test.
+    records = split_by_blocks(grid_records(), block_size=100.0, val_fraction=0.2, test_fraction=0.2, seed=3)
+    for region in {r["region"] for r in records}:
+        splits = sorted(r["split"] for r in records if r["region"] == region)
+        assert splits == ["test", "train", "train", "val"], (region, splits)
+    check_no_leakage(records)
+
+
+def test_split_settings_validate_and_apply():
+    with pytest.raises(ConfigError, match="block_size is required"):
+        SplitSettings(by="blocks")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['blocksize'\]"):
+        SplitSettings.from_dict({"by": "blocks", "blocksize": 100})
+    with pytest.raises(ConfigError, match="split.by='tiles'"):
+        SplitSettings(by="tiles")
+    by_region = SplitSettings(test_regions=["r1"], val_regions=["r2"]).apply(grid_records())
+    assert {r["region"] for r in by_region if r["split"] == "test"} == {"r1"}
+    overlapping = grid_records(regions=1, per_region=2, size=100.0)
+    overlapping[1]["left"] -= 50  # the second tile now overlaps the first
+    overlapping[1]["right"] -= 50
+    with pytest.raises(LeakageError):
+        SplitSettings(by="blocks", block_size=50.0, val_fraction=0.0, test_fraction=0.5).apply(overlapping)

@@ -32,10 +32,8 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
         value = getattr(args, key)
         if value is not None:
             world[key] = value
-    manifest = synthesize(
-        args.out, world, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-        test_regions=args.test_regions, split_seed=args.split_seed,
-    )
+    split = {"val_fraction": args.val_fraction, "test_fraction": args.test_fraction, "test_regions": args.test_regions, "seed": args.split_seed}
+    manifest = synthesize(args.out, world, split)
     counts = {s: len(manifest.split(s)) for s in ("train", "val", "test")}
     print(f"wrote {len(manifest)} scenes to {args.out}: {counts} (statistics in {args.out}/stats.json)")
 
@@ -54,22 +52,14 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
 
 def cmd_data_split(args: argparse.Namespace) -> None:
     from xmodal.data.manifest import Manifest
-    from xmodal.data.splits import check_no_leakage, split_by_blocks, split_by_region
+    from xmodal.data.splits import SplitSettings
 
     manifest = Manifest.load(args.root)
-    if args.by == "region":
-        records = split_by_region(
-            manifest.records, test_regions=args.test_regions, val_regions=args.val_regions,
-            val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
-        )
-    else:
-        if args.block_size is None:
-            raise XmodalError("--block-size is required with --by blocks (in CRS units, e.g. metres)")
-        records = split_by_blocks(
-            manifest.records, block_size=args.block_size, val_fraction=args.val_fraction,
-            test_fraction=args.test_fraction, seed=args.seed,
-        )
-    check_no_leakage(records)
+    split = SplitSettings(
+        by=args.by, block_size=args.block_size, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+        test_regions=args.test_regions, val_regions=args.val_regions, seed=args.seed,
+    )
+    records = split.apply(manifest.records)
     manifest.with_records(records).save(args.root)
     counts = {s: sum(r["split"] == s for r in records) for s in ("train", "val", "test")}
     print(f"split {args.root} by {args.by}: {counts}; recompute statistics with `xmodal data stats {args.root}`")

@@ -5,17 +5,15 @@ conversion) is deterministic and, when the decoded tiles fit comfortably in the 
 materialised once (``data.cache``) so later epochs only pay for augmentation; the prepare stage
 (crop, photometric jitter, normalisation, geometric transform) runs every epoch.
 
-:func:`torch_loader` builds a plain ``torch.utils.data.DataLoader`` over the very same transforms,
-for benchmarks and for debugging without Ray.
+The same transforms without Ray (a plain DataLoader) live in :mod:`xmodal.data.torch_data`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import ray
-import torch
 
 from xmodal.data.prepared import PreparedData
 from xmodal.data.stats import convert_sar
@@ -128,43 +126,3 @@ def build_dataset(prepared: PreparedData, split: str, *, train: bool | None = No
 def build_datasets(prepared: PreparedData, splits: tuple[str, ...] = ("train", "val")) -> dict[str, ray.data.Dataset]:
     """One dataset per split (empty splits are left out)."""
     return {split: build_dataset(prepared, split) for split in splits if prepared.records(split)}
-
-
-class TileDataset(torch.utils.data.Dataset):
-    """Map-style PyTorch dataset over the same transforms (no Ray)."""
-
-    def __init__(self, prepared: PreparedData, split: str, train: bool | None = None, seed: int | None = None) -> None:
-        train = split == "train" if train is None else train
-        self.records = prepared.records(split)
-        settings = prepared.settings
-        self.decoder = Decoder(prepared.info, prepared.manifest.data_root, settings.load_options(), settings.sar_db)
-        self.preparer = Preparer(prepared.info, prepared.stats, settings.tile_size, settings.augment if train else None, settings.clip_sigma)
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, position: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng(None if self.seed is None else (self.seed, position))
-        return self.preparer(self.decoder(self.records[position]), rng)
-
-
-def torch_loader(prepared: PreparedData, split: str, *, num_workers: int = 0, shuffle: bool | None = None) -> torch.utils.data.DataLoader:
-    """A plain DataLoader reading the same files with the same transforms."""
-    train = split == "train"
-    return torch.utils.data.DataLoader(
-        TileDataset(prepared, split),
-        batch_size=prepared.settings.batch_size,
-        shuffle=train if shuffle is None else shuffle,
-        num_workers=num_workers,
-        drop_last=train,
-        persistent_workers=num_workers > 0,
-    )
-
-
-def iterate_numpy(prepared: PreparedData, split: str) -> Iterator[dict[str, np.ndarray]]:
-    """Prepared evaluation batches without Ray or torch workers (for tests and small sets)."""
-    dataset = TileDataset(prepared, split, train=False)
-    size = prepared.settings.batch_size
-    for start in range(0, len(dataset), size):
-        yield stack([dataset[i] for i in range(start, min(start + size, len(dataset)))])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from dataclasses import dataclass, fields
 from typing import Any, Iterable
 
 from xmodal.data.manifest import record_meta
@@ -53,13 +54,19 @@ def split_by_region(
         for region in regions:
             assignment[region] = "test" if region in test_named else "val" if region in val_named else "train"
     else:
-        ranked = sorted(regions, key=lambda region: _stable_fraction(region, seed))
-        minimum = 1 if len(regions) >= 3 else 0
-        n_test = max(minimum if test_fraction > 0 else 0, round(test_fraction * len(regions)))
-        n_val = max(minimum if val_fraction > 0 else 0, round(val_fraction * len(regions)))
-        for position, region in enumerate(ranked):
-            assignment[region] = "test" if position < n_test else "val" if position < n_test + n_val else "train"
+        assignment = _allocate(regions, val_fraction, test_fraction, seed)
     return [{**r, "split": assignment[r["region"]]} for r in records]
+
+
+def _allocate(keys: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
+    """Rank ``keys`` by a deterministic draw; the first ``round(test_fraction * n)`` go to test,
+    the next ``round(val_fraction * n)`` to val (at least one each when there are 3 or more keys,
+    and a fraction of 0 keeps that split empty), the rest to train."""
+    ranked = sorted(keys, key=lambda key: _stable_fraction(key, seed))
+    minimum = 1 if len(keys) >= 3 else 0
+    n_test = max(minimum if test_fraction > 0 else 0, round(test_fraction * len(keys)))
+    n_val = max(minimum if val_fraction > 0 else 0, round(val_fraction * len(keys)))
+    return {key: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, key in enumerate(ranked)}
 
 
 def split_by_blocks(
@@ -70,23 +77,87 @@ def split_by_blocks(
     test_fraction: float = 0.2,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Assign square ground blocks of ``block_size`` CRS units to splits.
+    """Assign square ground blocks of ``block_size`` CRS units to splits, within every region.
 
-    A tile belongs to the block holding its centre; tiles straddling a block edge can still touch a
-    neighbour block, which :func:`check_no_leakage` then reports.
+    Each region's blocks are allocated as :func:`split_by_region` allocates regions, so every
+    region holds out its share of ground and held-out tiles share the training regions' styles
+    (the setting of SpaceNet 6: train and test are different parts of one city). A tile belongs
+    to the block holding its centre; tiles straddling a block edge can still touch a neighbour
+    block, which :func:`check_no_leakage` then reports.
     """
     _check_fractions(val_fraction, test_fraction)
     if block_size <= 0:
         raise ConfigError(f"split block_size must be positive, got {block_size}")
-    out = []
-    for record in records:
+
+    def block_of(record: dict[str, Any]) -> str:
         centre_x = (record["left"] + record["right"]) / 2
         centre_y = (record["bottom"] + record["top"]) / 2
-        key = f"{record['crs']}:{int(centre_x // block_size)}:{int(centre_y // block_size)}"
-        draw = _stable_fraction(key, seed)
-        split = "test" if draw < test_fraction else "val" if draw < test_fraction + val_fraction else "train"
-        out.append({**record, "split": split})
-    return out
+        return f"{record['crs']}:{int(centre_x // block_size)}:{int(centre_y // block_size)}"
+
+    blocks_by_region: dict[str, set[str]] = defaultdict(set)
+    for record in records:
+        blocks_by_region[record["region"]].add(block_of(record))
+    assignment: dict[tuple[str, str], str] = {}
+    for region, blocks in blocks_by_region.items():
+        for block, split in _allocate(sorted(blocks), val_fraction, test_fraction, seed).items():
+            assignment[region, block] = split
+    return [{**record, "split": assignment[record["region"], block_of(record)]} for record in records]
+
+
+@dataclass
+class SplitSettings:
+    """How a dataset is split into train / val / test (``xmodal data split``, ``world.split``).
+
+    Attributes:
+        by: ``region`` (whole regions held out) or ``blocks`` (ground blocks held out in
+            every region).
+        val_fraction: Share of regions (or of each region's blocks) for validation.
+        test_fraction: Share for test.
+        block_size: Block side in CRS units (metres), required with ``by: blocks``.
+        test_regions: Regions to hold out for test by name (``by: region``).
+        val_regions: Regions to hold out for validation by name (``by: region``).
+        seed: Seed of the draw.
+    """
+
+    by: str = "region"
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    block_size: float | None = None
+    test_regions: list[str] | None = None
+    val_regions: list[str] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.by not in ("region", "blocks"):
+            raise ConfigError(f"split.by={self.by!r}; expected 'region' or 'blocks'")
+        if self.by == "blocks" and self.block_size is None:
+            raise ConfigError("split.block_size is required with split.by=blocks (in CRS units, e.g. metres)")
+        _check_fractions(self.val_fraction, self.test_fraction)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> SplitSettings:
+        """Build from a plain mapping; unknown keys are refused."""
+        data = dict(data or {})
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"split: unknown key(s) {unknown}; known keys: {known}")
+        return cls(**data)
+
+    def apply(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The records with their ``split`` assigned, checked for train/held-out overlap."""
+        if self.by == "region":
+            out = split_by_region(
+                records, test_regions=self.test_regions, val_regions=self.val_regions,
+                val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.seed,
+            )
+        else:
+            out = split_by_blocks(
+                records, block_size=float(self.block_size), val_fraction=self.val_fraction,
+                test_fraction=self.test_fraction, seed=self.seed,
+            )
+        check_no_leakage(out)
+        return out
 
 
 def find_leaks(records: list[dict[str, Any]], held_out: tuple[str, ...] = ("val", "test")) -> list[tuple[str, str]]:

@@ -25,6 +25,7 @@ from ray.train.torch import TorchTrainer
 
 from xmodal.data.prepared import DataSettings, prepare_data
 from xmodal.engine.config import build_config
+from xmodal.engine.session import connect
 
 BENCH_WORLD = {"seed": 11, "regions": 4, "tile_size": 128}
 
@@ -38,20 +39,14 @@ def _bench_data_root(data_root: str | None, tiles: int) -> str:
 
         # Everything but a token val/test region goes to train so the train split has ~`tiles` tiles.
         per_region = max(4, int(np.ceil(tiles / 2)))
-        synthesize(root, {**BENCH_WORLD, "scenes_per_region": per_region}, test_fraction=0.2, val_fraction=0.15)
+        synthesize(root, {**BENCH_WORLD, "scenes_per_region": per_region})
     return str(root)
 
 
 def _init_ray() -> bool:
     """Start a local Ray unless one is running; True when this call started it."""
-    from xmodal.engine.runner import quiet_ray_data
-
-    quiet_ray_data()
-    if ray.is_initialized():
-        return False
     # The Train worker reserves one logical CPU; the data pipeline keeps every core's budget.
-    ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, logging_level="error")
-    return True
+    return connect(None, (os.cpu_count() or 1) + 1)
 
 
 def _rates(tiles: list[int], seconds: list[float]) -> dict[str, float]:
@@ -73,7 +68,8 @@ def _consume_loop(config: dict[str, Any]) -> list[tuple[int, float]]:
 
 def bench_data(data_root: str | None = None, tiles: int = 256, epochs: int = 3, batch_size: int = 16) -> dict[str, Any]:
     """Throughput of raw decoding, a plain DataLoader, and Ray Data into a Train worker."""
-    from xmodal.data.pipeline import build_dataset, torch_loader
+    from xmodal.data.pipeline import build_dataset
+    from xmodal.data.torch_data import torch_loader
     from xmodal.data.transforms import Decoder
 
     root = _bench_data_root(data_root, tiles)
@@ -138,9 +134,9 @@ def _bench_config(root: str, epochs: int, batch_size: int) -> Any:
 
 def bench_train(data_root: str | None = None, tiles: int = 96, epochs: int = 3, batch_size: int = 8) -> dict[str, Any]:
     """Step time of the Ray Train loop vs a plain PyTorch loop on the same prepared batches."""
-    from xmodal.data.pipeline import TileDataset
+    from xmodal.data.torch_data import TileDataset
     from xmodal.data.transforms import stack
-    from xmodal.engine.loop import data_spec, build_method
+    from xmodal.engine.plain import build_method, data_spec
     from xmodal.engine.runner import make_trainer, plan_run
     from xmodal.methods.base import MethodContext
 

@@ -7,6 +7,7 @@ A config has these sections (all optional except ``name`` and ``method``)::
     method_settings: {...}         # validated against the method's own Settings dataclass
     data: {...}                    # xmodal.data.prepared.DataSettings
     world: {...}                   # synthetic world to generate when data.root does not exist
+                                   # (its optional split: {...} is xmodal.data.splits.SplitSettings)
     model: {...}                   # xmodal.methods.base.ModelSettings
     train: {...}                   # xmodal.methods.base.OptimSettings
     scaling: {...}                 # ScalingSettings
@@ -65,7 +66,7 @@ class RunSettings:
         results: Local folder for metrics.json, panels and TensorBoard (default: ``storage``
             when it is a local path, else ``results/``).
         max_failures: Worker-group restarts from the last checkpoint before a run fails.
-        keep_checkpoints: Checkpoints kept (ranked by the method's metric).
+        keep_checkpoints: Best checkpoints kept (ranked by the method's metric on validation), besides the latest.
         eval_every: Validate every N epochs (and always after the last).
         panels: Sample rows in the evaluation PNG.
         log_every: Steps between TensorBoard points / progress lines.
@@ -169,9 +170,12 @@ def build_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfi
         config = from_dict(ExperimentConfig, {**raw, "method_settings": None, "source": source})
         config.method_settings = get_method(config.method).parse_settings(raw.get("method_settings"))
         if config.world is not None:
+            from xmodal.data.splits import SplitSettings
             from xmodal.data.synth import WorldConfig
 
-            WorldConfig.from_dict(config.world)
+            world = dict(config.world)
+            SplitSettings.from_dict(world.pop("split", None))
+            WorldConfig.from_dict(world)
         for phase in config.phases:
             phase_config(config, phase)
     except ConfigError as exc:

@@ -8,6 +8,7 @@ rank 0 evaluates the test split and returns the result to the driver.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -22,12 +23,17 @@ import torch
 
 from xmodal.data.prepared import PreparedData
 from xmodal.engine.config import ExperimentConfig
+from xmodal.engine.plain import build_method, is_better
 from xmodal.errors import DataError
-from xmodal.methods.base import DataSpec, Method, MethodContext, get_method
+from xmodal.methods.base import DataSpec, MethodContext
 from xmodal.methods.exports import save_exports
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
+# Ranks checkpoints for Ray (which keeps the best ones and always the latest): the method's
+# metric on epochs that were validated, the worst possible value on the others.
+SELECTION_KEY = "selection_score"
+WORST = {"max": -1e30, "min": 1e30}
 
 
 @dataclass
@@ -52,32 +58,6 @@ class WorkerPlan:
                 f"{self.config.data.batch_size}; lower data.batch_size or scaling.num_workers"
             )
         return steps
-
-
-def data_spec(prepared: PreparedData) -> DataSpec:
-    """The method-facing description of a prepared dataset."""
-    info = prepared.info
-    sar_mean, sar_std = prepared.stats.mean_std("sar")
-    return DataSpec(
-        sar_channels=len(info.sar_bands),
-        optical_channels=len(info.optical_bands),
-        sar_bands=tuple(info.sar_bands.names),
-        optical_bands=tuple(info.optical_bands.names),
-        num_classes=prepared.num_classes(),
-        class_names=tuple(prepared.class_names()),
-        mask_layer=prepared.settings.mask_layer,
-        ignore_index=info.ignore_index,
-        sar_mean=tuple(float(v) for v in sar_mean),
-        sar_std=tuple(float(v) for v in sar_std),
-        tile_size=prepared.settings.tile_size,
-    )
-
-
-def build_method(config: ExperimentConfig, spec: DataSpec) -> Method:
-    """Instantiate the configured method (after checking it can use the data)."""
-    method_cls = get_method(config.method)
-    method_cls.check_data(spec)
-    return method_cls(config.method_settings, config.model, config.train, spec)
 
 
 def _local_inputs(inputs: dict[str, Any], scratch: Path) -> dict[str, Path]:
@@ -142,7 +122,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             log=log,
         )
     )
-    metric_name = getattr(method, "metric", type(method).metric)
+    metric_name = type(method).metric_for(config.method_settings, plan.spec)
+    metric_mode = type(method).metric_mode
+    # The weights that score best on validation are the ones tested at the end (model selection
+    # on val, as in the papers); rank 0 keeps a CPU copy, and Ray keeps their checkpoint.
+    best: dict[str, Any] = {}
+    best_weights: dict[str, Any] | None = None
 
     start_epoch, global_step = 0, 0
     checkpoint = ray.train.get_checkpoint()
@@ -156,6 +141,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             )
         method.load_state_dict(state["method"])
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+        best = state.get("best", {})
         log(f"resumed from epoch {state['epoch'] + 1} checkpoint")
 
     writer = None
@@ -193,7 +179,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         if rank == 0 and "val" in plan.splits and ((epoch + 1) % config.run.eval_every == 0 or is_last):
             result = method.evaluate(_batches("val", batch_size, device))
             last_val = {f"val/{k}": v for k, v in result.metrics.items()}
+            score = last_val.get(metric_name)
+            if score is not None and is_better(score, best.get("score"), metric_mode):
+                best = {"epoch": epoch + 1, "score": score, "val": last_val, "val_per_class": result.per_class}
+                best_weights = _cpu_copy(method.state_dict())
+            metrics[SELECTION_KEY] = score if score is not None else WORST[metric_mode]
+        else:
+            metrics[SELECTION_KEY] = WORST[metric_mode]  # not validated: never kept as "best"
         metrics.update(last_val)
+        if best:
+            metrics["best_epoch"] = best["epoch"]
         if writer is not None:
             for key, value in metrics.items():
                 if "/" in key:
@@ -214,6 +209,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                         "global_step": global_step,
                         "fingerprint": plan.fingerprint,
                         "metrics": metrics,
+                        "best": best,
                     },
                     Path(folder) / STATE_FILE,
                 )
@@ -226,12 +222,44 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         writer.close()
     if rank != 0:
         return None
-    outcome: dict[str, Any] = {"epochs": epochs, "metric": metric_name, "metric_mode": type(method).metric_mode}
+    outcome: dict[str, Any] = {"epochs": epochs, "metric": metric_name, "metric_mode": metric_mode, "tested_epoch": epochs}
+    if best and best["epoch"] != epochs:
+        weights = best_weights if best_weights is not None else _reported_state(best["epoch"], device)
+        if weights is not None:
+            method.load_state_dict(weights)
+            outcome["tested_epoch"] = best["epoch"]
+        else:
+            log(f"the epoch-{best['epoch']} checkpoint (best on validation) is gone; testing the last weights")
     for split in ("val", "test"):
-        if split in plan.splits:
-            result = method.evaluate(_batches(split, batch_size, device), panels=config.run.panels if split == "test" else 0)
-            outcome[split] = result.metrics
-            outcome[f"{split}_per_class"] = result.per_class
-            if split == "test":
-                outcome["panels"] = result.panels
+        if split not in plan.splits:
+            continue
+        if split == "val" and best and outcome["tested_epoch"] == best["epoch"]:
+            outcome["val"] = {k.split("/", 1)[1]: v for k, v in best["val"].items()}
+            outcome["val_per_class"] = best["val_per_class"]
+            continue
+        result = method.evaluate(_batches(split, batch_size, device), panels=config.run.panels if split == "test" else 0)
+        outcome[split] = result.metrics
+        outcome[f"{split}_per_class"] = result.per_class
+        if split == "test":
+            outcome["panels"] = result.panels
     return outcome
+
+
+def _cpu_copy(state: Any) -> Any:
+    """A detached CPU copy of a (nested) state dict."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_cpu_copy(v) for v in state)
+    return copy.deepcopy(state)
+
+
+def _reported_state(epoch: int, device: torch.device) -> dict[str, Any] | None:
+    """The method state of the checkpoint reported after ``epoch`` (after a resume), if Ray kept it."""
+    for reported in ray.train.get_all_reported_checkpoints():
+        if reported.metrics.get("epoch") == epoch:
+            with reported.checkpoint.as_directory() as folder:
+                return torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)["method"]
+    return None

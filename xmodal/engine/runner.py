@@ -22,8 +22,11 @@ from ray.train.torch import TorchTrainer
 from xmodal.data.pipeline import build_datasets
 from xmodal.data.prepared import PreparedData, prepare_data
 from xmodal.engine.config import ExperimentConfig, fingerprint, phase_config
-from xmodal.engine.loop import STATE_FILE, WorkerPlan, data_spec, train_loop_per_worker
+from xmodal.engine.loop import SELECTION_KEY, STATE_FILE, WorkerPlan, train_loop_per_worker
+from xmodal.engine.plain import data_spec, ensure_data
+from xmodal.engine.session import connect
 from xmodal.errors import ConfigError, XmodalError
+from xmodal.methods.base import get_method
 from xmodal.methods.evaluation import render_panels
 from xmodal.settings import to_dict
 
@@ -74,41 +77,11 @@ def results_dir(config: ExperimentConfig) -> Path:
     return (base / config.name).expanduser().resolve()
 
 
-def quiet_ray_data() -> None:
-    """No progress bars and no DataContext dump per execution in logs (epoch lines say enough)."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-
-
 def ensure_ray(config: ExperimentConfig) -> None:
     """Connect to the configured cluster, or start a local Ray sized to leave CPUs for Ray Data."""
-    if ray.is_initialized():
-        return
-    address = config.run.address or os.environ.get("RAY_ADDRESS")
-    quiet_ray_data()
-    if address:
-        ray.init(address=address, logging_level="warning")
-        return
     scaling = config.scaling
     needed = scaling.num_workers * scaling.cpus_per_worker + scaling.data_cpus + 1
-    ray.init(
-        num_cpus=int(max(os.cpu_count() or 1, needed + 0.999)),
-        include_dashboard=False,
-        logging_level="warning",
-        configure_logging=True,
-    )
-
-
-def ensure_data(config: ExperimentConfig) -> None:
-    """Generate the synthetic world named in ``world:`` when ``data.root`` does not exist yet."""
-    root = Path(config.data.root)
-    if root.exists() or config.world is None:
-        return
-    from xmodal.data.build import synthesize
-
-    print(f"[{config.name}] generating synthetic world in {root}", flush=True)
-    synthesize(root, config.world)
+    connect(config.run.address, int(max(os.cpu_count() or 1, needed + 0.999)))
 
 
 def plan_run(config: ExperimentConfig, inputs: dict[str, Any] | None = None) -> tuple[WorkerPlan, PreparedData]:
@@ -127,8 +100,6 @@ def plan_run(config: ExperimentConfig, inputs: dict[str, Any] | None = None) -> 
         fingerprint=fingerprint(config),
         inputs=dict(inputs or {}),
     )
-    from xmodal.methods.base import get_method
-
     get_method(config.method).check_data(plan.spec)
     plan.steps_per_epoch(config.scaling.num_workers)
     return plan, prepared
@@ -165,7 +136,12 @@ def make_trainer(
             name=leaf,
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
+            # Ray keeps the best-scoring checkpoints and always the latest (resume starts there).
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.run.keep_checkpoints,
+                checkpoint_score_attribute=SELECTION_KEY,
+                checkpoint_score_order=get_method(config.method).metric_mode,
+            ),
             callbacks=callbacks or [],
         ),
     )
@@ -188,6 +164,7 @@ def summarise(
         "data": {"root": config.data.root, "mask_layer": config.data.mask_layer, "label_fraction": config.data.label_fraction},
         "epochs": outcome.get("epochs"),
         "metric": outcome.get("metric"),
+        "tested_epoch": outcome.get("tested_epoch"),
         "metrics": metrics,
         "per_class": {split: outcome.get(f"{split}_per_class", {}) for split in ("val", "test")},
         "checkpoint": checkpoint,

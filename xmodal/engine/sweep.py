@@ -31,6 +31,7 @@ from typing import Any
 from ray.tune.search import ConcurrencyLimiter, Repeater
 
 from xmodal.engine.config import ExperimentConfig, phase_config
+from xmodal.engine.session import connect, state_api_available
 from xmodal.engine.sweep_report import FINAL_KEY, RUN_FILE, SPEC_FILE
 from xmodal.engine.sweep_spec import GRID_POINT_KEY, SEED_KEY, SweepSpec, load_sweep
 from xmodal.errors import ConfigError, XmodalError
@@ -296,22 +297,11 @@ def sweep_trial(tune_config: dict[str, Any], plan: TrialPlan) -> None:
 # ----------------------------------------------------------------------------- Ray
 
 
-def state_api_available() -> bool:
-    """Whether the connected Ray answers State API calls (it needs the dashboard)."""
-    try:
-        from ray.util.state import list_nodes
-
-        list_nodes(limit=1, timeout=15, raise_on_missing_output=False)
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "no State API" here
-        return False
-
-
 def start_ray(spec: SweepSpec, base: ExperimentConfig, per_trial: dict[str, float]) -> bool:
-    """Connect to the configured cluster, or start a local Ray *with* the dashboard.
+    """Connect to the configured cluster, or start a local Ray (with its dashboard).
 
     The dashboard is what frees the workers of a trial ASHA stops (Train V2's placement-group
-    cleaner uses the State API), so a local sweep must not use the engine's dashboard-less Ray.
+    cleaner uses the State API), so ASHA is refused on an already-connected Ray without it.
 
     Returns:
         Whether this call started (and so must shut down) Ray.
@@ -326,34 +316,8 @@ def start_ray(spec: SweepSpec, base: ExperimentConfig, per_trial: dict[str, floa
                 "or use scheduler: fifo)"
             )
         return False
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    address = base.run.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level="warning")
-        return True
-    # Point every process of this Ray at its own dashboard: with several local Ray instances on a
-    # machine, Train's placement-group cleaner would otherwise fail to pick one ("multiple active
-    # Ray instances") and stopped trials would keep their workers.
-    port = free_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     needed = per_trial["CPU"] + base.scaling.data_cpus
-    ray.init(
-        num_cpus=spec.settings.local_cpus or int(max(os.cpu_count() or 1, math.ceil(needed))),
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        logging_level="warning",
-    )
-    return True
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return connect(base.run.address, spec.settings.local_cpus or int(max(os.cpu_count() or 1, math.ceil(needed))))
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -444,7 +408,7 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from xmodal.engine.runner import ensure_data
+    from xmodal.engine.plain import ensure_data
 
     spec = source if isinstance(source, SweepSpec) else load_sweep(source, overrides)
     folder = sweep_dir(spec)

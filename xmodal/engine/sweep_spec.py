@@ -447,6 +447,16 @@ def absolutize_paths(raw: dict[str, Any], root: Path) -> None:
                 section[key] = _absolute(value, root)
 
 
+def _data_spec_if_present(config: ExperimentConfig) -> Any:
+    """The data's description when its folder exists (a world still to generate has none yet)."""
+    if not (Path(config.data.root) / "dataset.json").is_file():
+        return None
+    from xmodal.data.prepared import prepare_data
+    from xmodal.engine.plain import data_spec
+
+    return data_spec(prepare_data(config.data))
+
+
 def load_sweep(source: str | Path | dict[str, Any], overrides: list[str] | None = None, cwd: Path | None = None) -> SweepSpec:
     """Read and validate a sweep.
 
@@ -513,8 +523,7 @@ def load_sweep(source: str | Path | dict[str, Any], overrides: list[str] | None 
     from xmodal.methods.base import get_method
 
     method_cls = get_method(base_config.method)
-    metric_for = getattr(method_cls, "metric_for", None)
-    metric = settings.metric or (metric_for(base_config.method_settings) if callable(metric_for) else method_cls.metric)
+    metric = settings.metric or method_cls.metric_for(base_config.method_settings, _data_spec_if_present(base_config))
     mode = settings.mode or method_cls.metric_mode
     experiment = {k: v for k, v in data.items() if k != "name"}
     spec = SweepSpec(name=name, experiment=experiment, settings=settings, parameters=list(parameters.values()), metric=metric, mode=mode, source=where)

@@ -190,6 +190,15 @@ class Method(ABC):
     def check_data(cls, data: DataSpec) -> None:
         """Refuse data the method cannot use (e.g. no mask layer for a segmentation method)."""
 
+    @classmethod
+    def metric_for(cls, settings: Any, data: DataSpec | None = None) -> str:
+        """The validation metric that ranks this configuration's checkpoints and trials.
+
+        Defaults to the class's ``metric``; a method whose number depends on its settings or data
+        (accuracy for scene classes, mean IoU for multi-class masks) overrides this.
+        """
+        return cls.metric
+
     @abstractmethod
     def setup(self, context: MethodContext) -> None:
         """Build models and optimisers on ``context.device`` (called once per worker)."""

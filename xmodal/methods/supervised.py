@@ -85,8 +85,13 @@ class Supervised(Method):
         super().__init__(settings, model, optim, data)
         self.segmentation = settings.task == "segmentation"
         self.binary = self.segmentation and data.num_classes == 2
-        if not self.segmentation:
-            self.metric = "val/accuracy"
+
+    @classmethod
+    def metric_for(cls, settings: SupervisedSettings, data: DataSpec | None = None) -> str:
+        """Scene accuracy for classification; building IoU for binary masks, mean IoU otherwise."""
+        if settings.task == "classification":
+            return "val/accuracy"
+        return "val/miou" if data is not None and data.num_classes > 2 else "val/iou"
 
     @classmethod
     def check_data(cls, data: DataSpec) -> None:

@@ -484,7 +484,8 @@ def _split_locations(
         box = footprints.setdefault(record["region"], [left, bottom, right, top])
         box[:] = [min(box[0], left), min(box[1], bottom), max(box[2], right), max(box[3], top)]
     pseudo = [
-        {"tile_id": loc, "region": loc, "crs": "EPSG:4326", "left": b[0], "bottom": b[1], "right": b[2], "top": b[3]}
+        # One shared "region": the blocks of the whole world are allocated together.
+        {"tile_id": loc, "region": "world", "crs": "EPSG:4326", "left": b[0], "bottom": b[1], "right": b[2], "top": b[3]}
         for loc, b in sorted(footprints.items())
     ]
     drawn = split_by_blocks(pseudo, block_size=block_size_deg, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)

@@ -1,0 +1,55 @@
+"""The pipeline's transforms without Ray: a map-style PyTorch dataset and DataLoader.
+
+Benchmarks compare Ray Data against :func:`torch_loader`; tests and GPU machines without Ray
+use :class:`TileDataset` and :func:`iterate_numpy` directly.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from xmodal.data.prepared import PreparedData
+from xmodal.data.transforms import Decoder, Preparer, stack
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """Map-style PyTorch dataset over the same transforms (no Ray)."""
+
+    def __init__(self, prepared: PreparedData, split: str, train: bool | None = None, seed: int | None = None) -> None:
+        train = split == "train" if train is None else train
+        self.records = prepared.records(split)
+        settings = prepared.settings
+        self.decoder = Decoder(prepared.info, prepared.manifest.data_root, settings.load_options(), settings.sar_db)
+        self.preparer = Preparer(prepared.info, prepared.stats, settings.tile_size, settings.augment if train else None, settings.clip_sigma)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, position: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(None if self.seed is None else (self.seed, position))
+        return self.preparer(self.decoder(self.records[position]), rng)
+
+
+def torch_loader(prepared: PreparedData, split: str, *, num_workers: int = 0, shuffle: bool | None = None) -> torch.utils.data.DataLoader:
+    """A plain DataLoader reading the same files with the same transforms."""
+    train = split == "train"
+    return torch.utils.data.DataLoader(
+        TileDataset(prepared, split),
+        batch_size=prepared.settings.batch_size,
+        shuffle=train if shuffle is None else shuffle,
+        num_workers=num_workers,
+        drop_last=train,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def iterate_numpy(prepared: PreparedData, split: str) -> Iterator[dict[str, np.ndarray]]:
+    """Prepared evaluation batches without Ray or torch workers (for tests and small sets)."""
+    dataset = TileDataset(prepared, split, train=False)
+    size = prepared.settings.batch_size
+    for start in range(0, len(dataset), size):
+        yield stack([dataset[i] for i in range(start, min(start + size, len(dataset)))])
