@@ -104,6 +104,6 @@ def ray_local():
 
     from xmodal.engine.session import connect
 
-    connect(None, max(4, os.cpu_count() or 1))
+    connect(None, max(4, os.cpu_count() or 1), dashboard=False)
     yield ray
     ray.shutdown()

@@ -158,7 +158,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from xmodal.engine import bench
 
     runner: Callable[..., dict[str, Any]] = {"data": bench.bench_data, "train": bench.bench_train}[args.what]
-    figures = runner(data_root=args.data, tiles=args.tiles, epochs=args.epochs)
+    sizes = {k: v for k, v in (("tiles", args.tiles), ("epochs", args.epochs)) if v is not None}
+    figures = runner(data_root=args.data, **sizes)
     print(json.dumps(figures, indent=2) if args.json else bench.format_figures(figures))
 
 
@@ -238,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="print throughput figures")
     bench.add_argument("what", choices=["data", "train"])
     bench.add_argument("--data", help="prepared dataset folder (default: a generated world)")
-    bench.add_argument("--tiles", type=int, default=256)
-    bench.add_argument("--epochs", type=int, default=3)
+    bench.add_argument("--tiles", type=int, help="tiles per epoch (default: data 256, train 128)")
+    bench.add_argument("--epochs", type=int, help="epochs; the first is reported apart (default: data 3, train 5)")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
 

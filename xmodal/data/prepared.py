@@ -40,7 +40,7 @@ class DataSettings:
         label_fraction: Share of training tiles whose labels are used (seeded subset).
         label_seed: Seed of that subset.
         cache: ``auto`` (cache decoded tiles in the object store when they fit), ``always``, ``never``.
-        blocks: Ray Data blocks per split (``None``: about 4 tiles per block, capped).
+        blocks: Ray Data blocks per split (``None``: about 16 MiB of decoded tiles per block).
         shuffle_buffer: Local shuffle buffer (rows) on each training worker.
         augment: Training augmentation.
         reader_options: Options passed to the reader when indexing a raw folder.

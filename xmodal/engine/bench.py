@@ -46,7 +46,7 @@ def _bench_data_root(data_root: str | None, tiles: int) -> str:
 def _init_ray() -> bool:
     """Start a local Ray unless one is running; True when this call started it."""
     # The Train worker reserves one logical CPU; the data pipeline keeps every core's budget.
-    return connect(None, (os.cpu_count() or 1) + 1)
+    return connect(None, (os.cpu_count() or 1) + 1, dashboard=False)
 
 
 def _rates(tiles: list[int], seconds: list[float]) -> dict[str, float]:
@@ -132,7 +132,7 @@ def _bench_config(root: str, epochs: int, batch_size: int) -> Any:
     )
 
 
-def bench_train(data_root: str | None = None, tiles: int = 96, epochs: int = 3, batch_size: int = 8) -> dict[str, Any]:
+def bench_train(data_root: str | None = None, tiles: int = 128, epochs: int = 5, batch_size: int = 8) -> dict[str, Any]:
     """Step time of the Ray Train loop vs a plain PyTorch loop on the same prepared batches."""
     from xmodal.data.torch_data import TileDataset
     from xmodal.data.transforms import stack
@@ -150,20 +150,25 @@ def bench_train(data_root: str | None = None, tiles: int = 96, epochs: int = 3, 
     steps = len(samples) // batch_size
     batches = [stack(samples[i * batch_size : (i + 1) * batch_size]) for i in range(steps)]
 
-    # Plain PyTorch: the same method object, the same batches, the same thread count.
+    # Plain PyTorch: the same method object, the same batches, the same thread count. It runs
+    # before and after the Ray run: this machine's speed drifts by 10-20 % between minutes, and
+    # bracketing keeps that drift out of the ratio.
     torch.set_num_threads(threads)
     method = build_method(config, data_spec(prepared))
-    method.setup(MethodContext(device=torch.device("cpu"), rank=0, world_size=1, prepare_module=lambda m: m, steps_per_epoch=steps))
-    epoch_seconds = []
-    step = 0
-    for _ in range(epochs):
-        started = time.perf_counter()
-        for batch in batches:
-            method.train_step({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}, step)
-            step += 1
-        epoch_seconds.append(time.perf_counter() - started)
-    plain = statistics.median(epoch_seconds[1:] or epoch_seconds) / steps
+    method.setup(MethodContext(device=torch.device("cpu"), rank=0, world_size=1, prepare_module=lambda m, **_: m, steps_per_epoch=steps))
+    tensors = [{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()} for batch in batches]
 
+    def plain_epochs(count: int) -> list[float]:
+        seconds = []
+        for _ in range(count):
+            started = time.perf_counter()
+            for step, batch in enumerate(tensors):
+                method.train_step(batch, step)
+            seconds.append(time.perf_counter() - started)
+        return seconds
+
+    plain_epochs(1)  # warm-up, like the Ray run's first epoch
+    plain_seconds = plain_epochs(max(1, (epochs - 1) // 2))
     started_ray = _init_ray()
     plan, prepared = plan_run(config)
     plan.splits = ("train",)
@@ -174,6 +179,8 @@ def bench_train(data_root: str | None = None, tiles: int = 96, epochs: int = 3, 
     ray_epochs = list(history["epoch_seconds"]) if history is not None and "epoch_seconds" in history else []
     if started_ray:
         ray.shutdown()
+    plain_seconds += plain_epochs(max(1, (epochs - 1) - (epochs - 1) // 2))
+    plain = statistics.median(plain_seconds) / steps
     ray_step = statistics.median(ray_epochs[1:] or ray_epochs) / steps if ray_epochs else float("nan")
     return {
         "model": "unet/resnet18 (slim decoder), SAR input",

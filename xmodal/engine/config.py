@@ -71,6 +71,8 @@ class RunSettings:
         panels: Sample rows in the evaluation PNG.
         log_every: Steps between TensorBoard points / progress lines.
         address: Ray cluster address (``None``: ``RAY_ADDRESS`` or a local Ray).
+        dashboard: Start a local Ray with its dashboard (on 127.0.0.1). Off by default: on 2
+            cores an idle dashboard slowed training steps from 0.47 to 0.71 s.
     """
 
     storage: str = "runs"
@@ -81,6 +83,7 @@ class RunSettings:
     panels: int = 4
     log_every: int = 10
     address: str | None = None
+    dashboard: bool = False
 
 
 @dataclass

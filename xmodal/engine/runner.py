@@ -81,7 +81,7 @@ def ensure_ray(config: ExperimentConfig) -> None:
     """Connect to the configured cluster, or start a local Ray sized to leave CPUs for Ray Data."""
     scaling = config.scaling
     needed = scaling.num_workers * scaling.cpus_per_worker + scaling.data_cpus + 1
-    connect(config.run.address, int(max(os.cpu_count() or 1, needed + 0.999)))
+    connect(config.run.address, int(max(os.cpu_count() or 1, needed + 0.999)), dashboard=config.run.dashboard)
 
 
 def plan_run(config: ExperimentConfig, inputs: dict[str, Any] | None = None) -> tuple[WorkerPlan, PreparedData]:

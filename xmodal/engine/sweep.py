@@ -317,7 +317,7 @@ def start_ray(spec: SweepSpec, base: ExperimentConfig, per_trial: dict[str, floa
             )
         return False
     needed = per_trial["CPU"] + base.scaling.data_cpus
-    return connect(base.run.address, spec.settings.local_cpus or int(max(os.cpu_count() or 1, math.ceil(needed))))
+    return connect(base.run.address, spec.settings.local_cpus or int(max(os.cpu_count() or 1, math.ceil(needed))), dashboard=True)
 
 
 # ----------------------------------------------------------------------------- the sweep

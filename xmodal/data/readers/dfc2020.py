@@ -55,12 +55,11 @@ from xmodal.data.readers.sen12ms import (
     dfc_class_names,
     dfc_to_index,
     first_entries,
-    geometry_of_pair,
     igbp_to_dfc_index,
     load_coregistered_pair,
     lookup_classes,
     move_leaking_groups,
-    read_headers,
+    pair_grids,
     refuse_unknown_options,
     s1_band_set,
     s2_band_set,
@@ -180,19 +179,14 @@ class Dfc2020Reader(Reader):
                 continue
             candidates.append((folder_split, patch, tile_id, found))
 
-        headers = read_headers(
-            [str(p) for *_, found in candidates for p in (found["s1"], found["s2"])] if read_geometry else [], workers
-        )
         records = []
         tile_size = 256
-        for folder_split, patch, tile_id, found in candidates:
-            crs, bounds = "", (0.0, 0.0, 0.0, 0.0)
-            if read_geometry:
-                optical, problem = geometry_of_pair(headers, str(found["s1"]), str(found["s2"]))
-                if problem:
-                    skipped.append(Skipped(tile_id, problem))
-                    continue
-                crs, bounds, tile_size = optical.grid.crs, optical.grid.bounds, optical.grid.height
+        grids = pair_grids([(found["s1"], found["s2"]) for *_, found in candidates], read_geometry, workers)
+        for (folder_split, patch, tile_id, found), grid in zip(candidates, grids):
+            if isinstance(grid, str):
+                skipped.append(Skipped(tile_id, grid))
+                continue
+            crs, bounds, tile_size = grid
             dfc_path = found["dfc"].relative_to(root).as_posix()
             layers = {"dfc": dfc_path, "dfc_dw": dfc_path}
             if "lc" in found:

@@ -471,6 +471,25 @@ def geometry_of_pair(
     return optical, None
 
 
+PairGrid = tuple[str, tuple[float, float, float, float], int]
+
+
+def pair_grids(pairs: list[tuple[Path, Path]], read_geometry: bool, workers: int = 8) -> list[PairGrid | str]:
+    """The grid of each (S1, S2) pair as ``(crs, bounds, side in px)`` of its S2 file, or why the pair is refused.
+
+    Without ``read_geometry`` (fast indexing: no file is opened) each pair gets an empty CRS,
+    zero bounds and the 256 px patch side of SEN12MS and DFC2020.
+    """
+    if not read_geometry:
+        return [("", (0.0, 0.0, 0.0, 0.0), 256) for _ in pairs]
+    headers = read_headers([str(path) for pair in pairs for path in pair], workers)
+    grids: list[PairGrid | str] = []
+    for s1, s2 in pairs:
+        optical, problem = geometry_of_pair(headers, str(s1), str(s2))
+        grids.append(problem if problem or optical is None else (optical.grid.crs, optical.grid.bounds, optical.grid.height))
+    return grids
+
+
 # --------------------------------------------------------------------------------------------
 # SEN12MS
 # --------------------------------------------------------------------------------------------
@@ -588,20 +607,15 @@ class Sen12msReader(Reader):
                 continue
             candidates.append((key, found))
 
-        headers = read_headers(
-            [str(p) for _, found in candidates for p in (found["s1"], found["s2"])] if read_geometry else [], workers
-        )
         records: list[dict[str, Any]] = []
         tile_size = 256
-        for (season, scene, patch), found in candidates:
+        grids = pair_grids([(found["s1"], found["s2"]) for _, found in candidates], read_geometry, workers)
+        for ((season, scene, patch), found), grid in zip(candidates, grids):
             tile_id = f"{season}_{scene}_p{patch}"
-            crs, bounds = "", (0.0, 0.0, 0.0, 0.0)
-            if read_geometry:
-                optical, problem = geometry_of_pair(headers, str(found["s1"]), str(found["s2"]))
-                if problem:
-                    skipped.append(Skipped(tile_id, problem))
-                    continue
-                crs, bounds, tile_size = optical.grid.crs, optical.grid.bounds, optical.grid.height
+            if isinstance(grid, str):
+                skipped.append(Skipped(tile_id, grid))
+                continue
+            crs, bounds, tile_size = grid
             lc_path = found["lc"].relative_to(root).as_posix()
             records.append(
                 make_record(
