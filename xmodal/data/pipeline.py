@@ -128,7 +128,8 @@ def build_dataset(prepared: PreparedData, split: str, *, train: bool | None = No
     decode_batch = max(1, -(-len(records) // blocks))
     cache = should_cache(prepared, len(records)) if cache is None else cache
     # Block order is shuffled before decoding when decoding streams: shuffling decoded blocks is an
-    # all-to-all step that waits for the whole epoch's decoding (measured: 82 tiles/s instead of ...).
+    # all-to-all step that waits for the whole epoch's decoding and keeps decode and prepare from
+    # fusing (measured on 2 cores, 256 tiles: 102 -> 119-133 tiles/s in the driver).
     shuffle_before_decode = train and not cache
     if prepared.info.reader == PACKED_READER:
         dataset = _read_packed(prepared, split, records, shuffle_files=shuffle_before_decode)

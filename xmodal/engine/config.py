@@ -173,12 +173,9 @@ def build_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfi
         config = from_dict(ExperimentConfig, {**raw, "method_settings": None, "source": source})
         config.method_settings = get_method(config.method).parse_settings(raw.get("method_settings"))
         if config.world is not None:
-            from xmodal.data.splits import SplitSettings
-            from xmodal.data.synth import WorldConfig
+            from xmodal.data.build import parse_world
 
-            world = dict(config.world)
-            SplitSettings.from_dict(world.pop("split", None))
-            WorldConfig.from_dict(world)
+            parse_world(config.world)
         for phase in config.phases:
             phase_config(config, phase)
     except ConfigError as exc:

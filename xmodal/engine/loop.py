@@ -8,7 +8,6 @@ rank 0 evaluates the test split and returns the result to the driver.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import tempfile
@@ -23,7 +22,7 @@ import torch
 
 from xmodal.data.prepared import PreparedData
 from xmodal.engine.config import ExperimentConfig
-from xmodal.engine.plain import build_method, is_better
+from xmodal.engine.plain import build_method, cpu_copy, is_better
 from xmodal.errors import DataError
 from xmodal.methods.base import DataSpec, MethodContext
 from xmodal.methods.exports import save_exports
@@ -182,7 +181,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             score = last_val.get(metric_name)
             if score is not None and is_better(score, best.get("score"), metric_mode):
                 best = {"epoch": epoch + 1, "score": score, "val": last_val, "val_per_class": result.per_class}
-                best_weights = _cpu_copy(method.state_dict())
+                best_weights = cpu_copy(method.state_dict())
             metrics[SELECTION_KEY] = score if score is not None else WORST[metric_mode]
         else:
             metrics[SELECTION_KEY] = WORST[metric_mode]  # not validated: never kept as "best"
@@ -243,17 +242,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         if split == "test":
             outcome["panels"] = result.panels
     return outcome
-
-
-def _cpu_copy(state: Any) -> Any:
-    """A detached CPU copy of a (nested) state dict."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {k: _cpu_copy(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_cpu_copy(v) for v in state)
-    return copy.deepcopy(state)
 
 
 def _reported_state(epoch: int, device: torch.device) -> dict[str, Any] | None:

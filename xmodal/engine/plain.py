@@ -55,13 +55,23 @@ def ensure_data(config: ExperimentConfig) -> None:
     from xmodal.data.build import synthesize
 
     print(f"[{config.name}] generating synthetic world in {root}", flush=True)
-    world = dict(config.world)
-    synthesize(root, world, world.pop("split", None))
+    synthesize(root, config.world)
 
 
 def is_better(value: float, best: float | None, mode: str) -> bool:
     """Whether ``value`` beats ``best`` for a metric ranked in ``mode`` (``max`` or ``min``)."""
     return best is None or (value > best if mode == "max" else value < best)
+
+
+def cpu_copy(state: Any) -> Any:
+    """A detached CPU copy of a (nested) state dict: best weights kept off the accelerator."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(cpu_copy(v) for v in state)
+    return copy.deepcopy(state)
 
 
 def _to_torch(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
@@ -115,7 +125,7 @@ def train_plain(
             val = method.evaluate(_to_torch(b, device) for b in iterate_numpy(prepared, "val")).metrics
             score = val[metric.split("/", 1)[1]]
             if is_better(score, None if best is None else best[0], mode):
-                best = (score, epoch + 1, copy.deepcopy(method.state_dict()), val)
+                best = (score, epoch + 1, cpu_copy(method.state_dict()), val)
             line += f"  {metric} {score:.4f}"
         log(f"[{config.name}] {line}")
     outcome: dict[str, Any] = {"epochs": config.train.epochs, "metric": metric, "epoch_seconds": epoch_seconds, "best_epoch": config.train.epochs}
@@ -127,4 +137,3 @@ def train_plain(
         test = method.evaluate(_to_torch(b, device) for b in iterate_numpy(prepared, "test")).metrics
         outcome.update({f"test/{k}": v for k, v in test.items()})
     return outcome
-
