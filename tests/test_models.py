@@ -102,8 +102,8 @@ def test_any_channels_and_classes_give_input_sized_logits(arch: str, in_channels
 
 def test_names_are_case_and_punctuation_insensitive() -> None:
     model = create_model("DeepLabV3+", in_channels=2, classes=1, decoder_channels=16)
-    assert model.xmodal_config["arch"] == "deeplabv3plus"
-    assert create_model("UNet++", in_channels=2, classes=1).xmodal_config["arch"] == "unetplusplus"
+    assert model.xmodal_recipe["kwargs"]["arch"] == "deeplabv3plus"
+    assert create_model("UNet++", in_channels=2, classes=1).xmodal_recipe["kwargs"]["arch"] == "unetplusplus"
 
 
 def test_unknown_architecture_lists_known_ones() -> None:
@@ -124,7 +124,7 @@ def test_pretrained_weights_request_is_refused(kwargs: dict) -> None:
 
 def test_explicit_random_init_is_accepted() -> None:
     model = create_model("linknet", in_channels=2, classes=1, encoder_weights=None)
-    assert model.xmodal_config["encoder"] == "resnet18"
+    assert model.xmodal_recipe["kwargs"]["encoder"] == "resnet18"
 
 
 @pytest.mark.parametrize(
@@ -199,7 +199,7 @@ def test_register_architecture_plugs_into_create_model() -> None:
     try:
         assert "tinytestnet" in list_architectures()
         model = create_model("Tiny-Test-Net", in_channels=3, classes=2)
-        assert isinstance(model, nn.Conv2d) and model.xmodal_config["arch"] == "tinytestnet"
+        assert isinstance(model, nn.Conv2d) and model.xmodal_recipe["kwargs"]["arch"] == "tinytestnet"
         with pytest.raises(ConfigError, match="already registered"):
             register_architecture("tiny_test_net")(build)
     finally:
@@ -593,3 +593,72 @@ def test_load_weights_round_trip_and_errors(tmp_path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="cannot read"):
         load_weights(fresh, tmp_path / "junk.pt")
+
+
+# -- standalone encoders, composites and recipes ------------------------------------------------------------
+def test_standalone_encoder_matches_a_segmenters_encoder_keys() -> None:
+    from xmodal.models import create_encoder
+
+    encoder = create_encoder("resnet18", 2, depth=3)
+    segmenter = create_model("unet", encoder="resnet18", in_channels=2, classes=1, encoder_depth=3, decoder_channels=[16, 8, 8])
+    assert {f"encoder.{k}" for k in encoder.state_dict()} == {k for k in segmenter.state_dict() if k.startswith("encoder.")}
+    assert [f.shape[1] for f in encoder(torch.zeros(1, 2, 32, 32))] == list(encoder.out_channels)
+
+
+@pytest.mark.parametrize("norm, kind", [("batch", nn.BatchNorm2d), ("instance", nn.InstanceNorm2d), ("none", nn.Identity)])
+def test_encoder_normalisation(norm: str, kind: type) -> None:
+    from xmodal.models import create_encoder
+
+    encoder = create_encoder("resnet18", 3, depth=4, norm=norm, input_size=32)
+    modules = list(encoder.modules())
+    assert any(isinstance(m, kind) for m in modules)
+    if norm != "batch":
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in modules)
+    if norm == "instance":  # per-sample statistics: one sample's output does not depend on the others
+        x = torch.randn(2, 3, 32, 32)
+        encoder.train()
+        alone = encoder(x[:1])[-1]
+        together = encoder(x)[-1][:1]
+        assert torch.allclose(alone, together, atol=1e-3, rtol=1e-3)
+
+
+def test_instance_norm_refuses_a_depth_that_reaches_one_pixel() -> None:
+    from xmodal.models import create_encoder
+
+    with pytest.raises(ConfigError, match=r"norm=instance at depth=5 reaches a 1 x 1 feature map on 32 x 32 inputs.*depth <= 4"):
+        create_encoder("resnet18", 2, depth=5, norm="instance", input_size=32)
+    with pytest.raises(ConfigError, match="norm='group'"):
+        create_encoder("resnet18", 2, norm="group")
+
+
+def test_composites_and_autoencoder_rebuild_from_their_recipes() -> None:
+    from xmodal.models import build_network, rebuild_network, recipe_of
+
+    cases = [
+        ("dual_encoder_classifier", {"encoder": "resnet18", "in_channels": {"sar": 2, "optical": 4}, "num_classes": 17, "depth": 4, "norm": "instance", "input_size": 32}),
+        ("dual_encoder_segmenter", {"arch": "unet", "encoder": "resnet18", "in_channels": {"sar": 2, "optical": 4}, "classes": 9, "encoder_depth": 3, "decoder_channels": [16, 8, 8]}),
+        ("autoencoder", {"in_channels": 2, "input_size": 64, "latent_dim": 16, "width": 0.125}),
+        ("critic", {"in_features": 16, "hidden": [8, 4]}),
+    ]
+    for name, kwargs in cases:
+        torch.manual_seed(0)
+        network = build_network(name, **kwargs)
+        twin = rebuild_network(recipe_of(network))
+        twin.load_state_dict(network.state_dict())
+        assert type(twin) is type(network) and recipe_of(twin) == recipe_of(network)
+    classifier = build_network(*cases[0][:1], **cases[0][1])
+    sar, optical = torch.randn(2, 2, 32, 32), torch.randn(2, 4, 32, 32)
+    assert classifier(sar, "sar").shape == (2, 17) and classifier.embed(optical, "optical").shape == (2, classifier.embedding_dim)
+    # Shared head: the same embedding gives the same scores whichever encoder made it.
+    embedding = classifier.embed(sar, "sar")
+    assert torch.allclose(classifier.classify(embedding), classifier(sar, "sar"))
+    segmenter = build_network(*cases[1][:1], **cases[1][1])
+    assert segmenter(sar, "sar").shape == segmenter(optical, "optical").shape == (2, 9, 32, 32)
+    assert recipe_of(segmenter.encoder("sar"))["builder"] == "encoder"  # each encoder exports on its own
+    autoencoder = build_network(*cases[2][:1], **cases[2][1])
+    z, reconstruction = autoencoder(torch.randn(2, 2, 64, 64))
+    assert z.shape == (2, 16) and reconstruction.shape == (2, 2, 64, 64)
+    critic = build_network(*cases[3][:1], **cases[3][1])
+    assert critic(z).shape == (2,) and not any(isinstance(m, nn.BatchNorm1d) for m in critic.modules())
+    with pytest.raises(ConfigError, match="unknown network builder 'segmentor'.*did you mean 'segmenter'"):
+        build_network("segmentor")

@@ -5,6 +5,10 @@ Imports only :mod:`xmodal.errors` (and torch, timm, segmentation-models-pytorch)
 * :func:`create_model` / :func:`list_architectures` / :func:`register_architecture`: the factory
   (:mod:`xmodal.models.factory`, which also documents which of the paper's architecture/encoder pairs build).
 * :func:`create_classifier`: encoder + global pooling + linear layer, for scene classification.
+* :func:`create_encoder`: an smp/timm encoder alone (batch, instance or no normalisation).
+* :func:`build_network` / :func:`register_network` / :func:`rebuild_network`: every network by a
+  registered name (segmenter, classifier, encoder, composites of :mod:`xmodal.models.composite`,
+  :mod:`xmodal.models.autoencoder`), remembering the recipe that rebuilds it.
 * :func:`list_taps`, :class:`FeatureTaps`, :func:`layer_set`, :func:`tap_shapes`: read activations by name
   (:mod:`xmodal.models.taps`).
 * :func:`load_weights`, :func:`copy_matching_weights`, :func:`model_summary`.
@@ -12,10 +16,14 @@ Imports only :mod:`xmodal.errors` (and torch, timm, segmentation-models-pytorch)
 
 from xmodal.models.factory import (
     FIRST_CONV_MODES,
+    NORMS,
     ArchitectureSpec,
+    convert_norm,
     copy_matching_weights,
     create_classifier,
+    create_encoder,
     create_model,
+    freeze_unused_parameters,
     get_architecture,
     list_architectures,
     list_encoders,
@@ -24,6 +32,9 @@ from xmodal.models.factory import (
     register_architecture,
 )
 from xmodal.models.heads import ClassifierHead, EncoderClassifier, ProjectionHead
+from xmodal.models.networks import build_network, list_networks, rebuild_network, recipe_of, register_network
+from xmodal.models.composite import DualEncoderClassifier, DualEncoderSegmenter  # registers its builders
+from xmodal.models.autoencoder import ConvAutoEncoder, CriticMLP  # registers its builders
 from xmodal.models.segnet import SegNet  # registers "segnet" in the factory
 from xmodal.models.taps import (
     LAYER_SETS,
@@ -38,6 +49,19 @@ from xmodal.models.taps import (
 
 __all__ = [
     "FIRST_CONV_MODES",
+    "NORMS",
+    "ConvAutoEncoder",
+    "CriticMLP",
+    "DualEncoderClassifier",
+    "DualEncoderSegmenter",
+    "build_network",
+    "convert_norm",
+    "create_encoder",
+    "freeze_unused_parameters",
+    "list_networks",
+    "rebuild_network",
+    "recipe_of",
+    "register_network",
     "LAYER_SETS",
     "ArchitectureSpec",
     "ClassifierHead",

@@ -386,7 +386,8 @@ def create_model(
             ``encoder_output_stride=8``; ``width=0.25`` for segnet).
 
     Returns:
-        The model; ``model.xmodal_config`` holds the arguments that rebuild it.
+        The model; ``model.xmodal_recipe`` (``{"builder": "segmenter", "kwargs": ...}``) rebuilds it
+        through :func:`xmodal.models.build_network`.
 
     Raises:
         ConfigError: Unknown architecture or encoder, a pretrained-weights request, a decoder_channels
@@ -417,14 +418,17 @@ def create_model(
         **kwargs,
     )
     freeze_unused_parameters(model, in_channels, 128 if spec.name == "pan" else max(64, 2 ** (depth + 1)))
-    model.xmodal_config = {
-        "arch": spec.name,
-        "encoder": encoder,
-        "in_channels": in_channels,
-        "classes": classes,
-        "encoder_depth": depth,
-        "decoder_channels": list(channels) if channels is not None else None,
-        **kwargs,
+    model.xmodal_recipe = {
+        "builder": "segmenter",
+        "kwargs": {
+            "arch": spec.name,
+            "encoder": encoder,
+            "in_channels": in_channels,
+            "classes": classes,
+            "encoder_depth": depth,
+            "decoder_channels": list(channels) if channels is not None else None,
+            **kwargs,
+        },
     }
     return model
 
@@ -443,9 +447,10 @@ def freeze_unused_parameters(model: nn.Module, in_channels: int, size: int) -> l
     try:
         with torch.enable_grad():
             output = model(torch.zeros(2, in_channels, size, size))
-            output.float().sum().backward()
-    except (RuntimeError, ValueError):
-        return []  # a size the probe cannot pass: leave every parameter trainable
+            outputs = output if isinstance(output, (list, tuple)) else [output]
+            sum(o.float().sum() for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad).backward()
+    except (RuntimeError, ValueError, AttributeError):
+        return []  # a size the probe cannot pass (or nothing trainable): leave every parameter as it is
     finally:
         model.train(was_training)
     unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
@@ -456,6 +461,116 @@ def freeze_unused_parameters(model: nn.Module, in_channels: int, size: int) -> l
     return unused
 
 
+NORMS = ("batch", "instance", "none")
+
+
+def convert_norm(module: nn.Module, norm: str) -> nn.Module:
+    """Replace every BatchNorm2d of ``module`` (in place) by the normalisation ``norm`` names.
+
+    ``instance``: ``InstanceNorm2d(affine=True)`` (per-sample statistics, learnable scale and shift
+    like the BatchNorm it replaces; no running statistics). ``none``: identity. ``batch``: unchanged.
+
+    Raises:
+        ConfigError: Unknown ``norm``.
+    """
+    if norm not in NORMS:
+        raise ConfigError(f"norm={norm!r}: expected one of {list(NORMS)}")
+    if norm == "batch":
+        return module
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.BatchNorm2d):
+            replacement: nn.Module = (
+                nn.InstanceNorm2d(child.num_features, eps=child.eps, affine=True) if norm == "instance" else nn.Identity()
+            )
+            setattr(module, name, replacement)
+        else:
+            convert_norm(child, norm)
+    return module
+
+
+def create_encoder(
+    encoder: str = "resnet18",
+    in_channels: int = 3,
+    *,
+    depth: int = 5,
+    norm: str = "batch",
+    input_size: int | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a randomly initialised smp/timm encoder on its own (the ``encoder`` of every segmenter).
+
+    Its forward returns one feature map per stride (``out_channels`` lists their widths); its
+    parameter names are those of a segmenter's ``encoder.`` submodule built with the same name and
+    depth, so its weights load into one (see :func:`xmodal.methods.exports.load_export_into`).
+
+    Args:
+        encoder: smp encoder name or ``tu-<timm name>``.
+        in_channels: Input bands.
+        depth: Encoder stages (1..5).
+        norm: ``batch`` (as built), ``instance`` or ``none`` (see :func:`convert_norm`).
+        input_size: Side of the inputs it will see. With ``norm="instance"`` this is checked: an
+            instance norm over a 1 x 1 map is undefined (PyTorch raises), so a depth that reaches
+            one is refused here with the depths that work.
+        **kwargs: For ``tu-`` encoders, passed to ``timm.create_model``.
+
+    Raises:
+        ConfigError: Unknown encoder or norm, invalid sizes, a pretrained-weights request, or an
+            instance norm that would see a 1 x 1 map.
+    """
+    import segmentation_models_pytorch as smp
+
+    _check_positive_int("in_channels", in_channels)
+    _check_positive_int("depth", depth)
+    _refuse_pretrained(kwargs)
+    for key in _PRETRAINED_KWARGS:
+        kwargs.pop(key, None)
+    _check_encoder_name(encoder)
+    if norm not in NORMS:
+        raise ConfigError(f"norm={norm!r}: expected one of {list(NORMS)}")
+    if kwargs and not encoder.startswith("tu-"):
+        raise ConfigError(
+            f"create_encoder: unknown keyword argument(s) {sorted(kwargs)} for smp encoder {encoder!r} "
+            "(extra keyword arguments are only passed on to timm, for 'tu-' encoders)"
+        )
+    try:
+        module = smp.encoders.get_encoder(encoder, in_channels=in_channels, depth=depth, weights=None, **kwargs)
+    except _SMP_BUILD_ERRORS as error:
+        raise ConfigError(f"cannot build encoder={encoder!r} with depth={depth}: {type(error).__name__}: {error}") from error
+    convert_norm(module, norm)
+    if norm == "instance" and input_size is not None:
+        _check_instance_norm_sizes(module, encoder, in_channels, depth, input_size)
+    freeze_unused_parameters(module, in_channels, input_size or max(64, 2 ** (depth + 1)))
+    module.xmodal_recipe = {
+        "builder": "encoder",
+        "kwargs": {"encoder": encoder, "in_channels": in_channels, "depth": depth, "norm": norm, **kwargs},
+    }
+    return module
+
+
+def _check_instance_norm_sizes(module: nn.Module, encoder: str, in_channels: int, depth: int, size: int) -> None:
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            features = module(torch.zeros(1, in_channels, size, size))
+    except ValueError as error:
+        if "spatial element" not in str(error):
+            raise
+        sizes, side = [], size
+        for _ in range(depth):
+            side = -(-side // 2)
+            sizes.append(side)
+        usable = [d + 1 for d, side in enumerate(sizes) if side > 1]
+        raise ConfigError(
+            f"encoder {encoder!r} with norm=instance at depth={depth} reaches a 1 x 1 feature map on "
+            f"{size} x {size} inputs, where instance normalisation is undefined; use depth <= "
+            f"{max(usable) if usable else 1}, larger inputs, or norm=batch"
+        ) from error
+    finally:
+        module.train(was_training)
+    del features
+
+
 def create_classifier(
     encoder: str,
     in_channels: int,
@@ -464,6 +579,8 @@ def create_classifier(
     encoder_depth: int = 5,
     pooling: str = "avg",
     dropout: float = 0.0,
+    norm: str = "batch",
+    input_size: int | None = None,
     **kwargs: Any,
 ) -> EncoderClassifier:
     """Build a randomly initialised scene classifier: encoder, global pooling, linear layer.
@@ -480,44 +597,24 @@ def create_classifier(
         encoder_depth: Encoder stages used (1..5).
         pooling: ``"avg"`` or ``"max"`` global pooling.
         dropout: Dropout before the linear layer.
+        norm: Encoder normalisation (see :func:`create_encoder`).
+        input_size: Input side, checked against instance normalisation (see :func:`create_encoder`).
         **kwargs: For ``tu-`` encoders, passed to ``timm.create_model``.
 
     Raises:
         ConfigError: Unknown encoder, invalid sizes, or a pretrained-weights request.
     """
-    import segmentation_models_pytorch as smp
-
-    _check_positive_int("in_channels", in_channels)
     _check_positive_int("num_classes", num_classes)
-    _check_positive_int("encoder_depth", encoder_depth)
-    _refuse_pretrained(kwargs)
-    for key in _PRETRAINED_KWARGS:
-        kwargs.pop(key, None)
-    _check_encoder_name(encoder)
-    if kwargs and not encoder.startswith("tu-"):
-        raise ConfigError(
-            f"create_classifier: unknown keyword argument(s) {sorted(kwargs)} for smp encoder {encoder!r} "
-            "(extra keyword arguments are only passed on to timm, for 'tu-' encoders)"
-        )
-    try:
-        encoder_module = smp.encoders.get_encoder(
-            encoder, in_channels=in_channels, depth=encoder_depth, weights=None, **kwargs
-        )
-    except _SMP_BUILD_ERRORS as error:
-        raise ConfigError(
-            f"cannot build encoder={encoder!r} with encoder_depth={encoder_depth}: {type(error).__name__}: {error}"
-        ) from error
+    encoder_module = create_encoder(encoder, in_channels, depth=encoder_depth, norm=norm, input_size=input_size, **kwargs)
     model = EncoderClassifier(encoder_module, num_classes, pooling=pooling, dropout=dropout)
-    freeze_unused_parameters(model, in_channels, max(32, 2 ** (encoder_depth + 1)))
-    model.xmodal_config = {
-        "arch": "classifier",
-        "encoder": encoder,
-        "in_channels": in_channels,
-        "num_classes": num_classes,
-        "encoder_depth": encoder_depth,
-        "pooling": pooling,
-        "dropout": dropout,
-        **kwargs,
+    probe = max(32, 2 ** (encoder_depth + 1)) if input_size is None else input_size
+    freeze_unused_parameters(model, in_channels, probe)
+    model.xmodal_recipe = {
+        "builder": "classifier",
+        "kwargs": {
+            "encoder": encoder, "in_channels": in_channels, "num_classes": num_classes, "encoder_depth": encoder_depth,
+            "pooling": pooling, "dropout": dropout, "norm": norm, "input_size": input_size, **kwargs,
+        },
     }
     return model
 
