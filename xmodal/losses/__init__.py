@@ -1,0 +1,28 @@
+"""Losses layer: pure functions on tensors, one loss family per module, each checked against a reference.
+
+Imports only torch and :mod:`xmodal.errors`; methods compose these. See each module for its paper,
+its defaults and the library it is tested against.
+"""
+
+from xmodal.losses.contrastive import info_nce, nt_xent, supervised_contrastive
+from xmodal.losses.cosine import REDUCTIONS, layer_cosine, reconstruction_loss
+from xmodal.losses.margin import margin_contrastive
+from xmodal.losses.segmentation import pixel_cross_entropy, predict_classes, segmentation_loss, soft_dice_loss
+from xmodal.losses.sliced_wasserstein import class_sliced_wasserstein, random_projections, sliced_wasserstein
+
+__all__ = [
+    "REDUCTIONS",
+    "class_sliced_wasserstein",
+    "info_nce",
+    "layer_cosine",
+    "margin_contrastive",
+    "nt_xent",
+    "pixel_cross_entropy",
+    "predict_classes",
+    "random_projections",
+    "reconstruction_loss",
+    "segmentation_loss",
+    "sliced_wasserstein",
+    "soft_dice_loss",
+    "supervised_contrastive",
+]
