@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from xmodal.data.labels import LabelSettings
 from xmodal.data.manifest import Manifest
 from xmodal.data.pipeline import build_dataset
 from xmodal.data.torch_data import iterate_numpy, torch_loader
@@ -40,7 +41,7 @@ def test_ray_data_batches_follow_the_contract(tiny_world: Path, ray_local):
 
 def test_torch_loader_and_label_fraction(tiny_world: Path):
     full = prepare_data(settings(tiny_world))
-    few = prepare_data(settings(tiny_world, label_fraction=0.3))
+    few = prepare_data(settings(tiny_world, labels=LabelSettings(fraction=0.3)))
     assert len(few.records("train")) == round(0.3 * len(full.records("train")))
     assert {r["tile_id"] for r in few.records("train")} <= {r["tile_id"] for r in full.records("train")}
     batch = next(iter(torch_loader(full, "train")))
@@ -72,5 +73,26 @@ def test_data_settings_errors(tiny_world: Path, tmp_path: Path):
         prepare_data(DataSettings(root=str(tiny_world), mask_layer="roads"))
     with pytest.raises(DataError, match="not found"):
         prepare_data(DataSettings(root=str(tmp_path / "missing")))
-    with pytest.raises(ConfigError, match="label_fraction"):
-        DataSettings(label_fraction=0.0)
+    with pytest.raises(ConfigError, match="labels.fraction"):
+        LabelSettings(fraction=0.0)
+
+
+@pytest.mark.ray
+def test_ray_datasets_of_a_run_streams_and_evaluation_shares(tiny_world: Path, ray_local):
+    """The labelled stream is as long as the main one and holds labelled tiles only; the main stream
+    keeps the unlabelled ones with labels withheld; evaluation splits are exact per-worker shares."""
+    from xmodal.data.pipeline import build_datasets
+
+    prepared = prepare_data(settings(tiny_world, labels=LabelSettings(count=3))).for_method(keep_unlabelled=True, views=2)
+    datasets = build_datasets(prepared, ("train", "val", "test"), world_size=2, streams=("labelled",))
+    assert set(datasets) == {"train", "train_labelled", "val@0", "val@1", "test@0", "test@1"}
+    main, extra = datasets["train"].take_all(), datasets["train_labelled"].take_all()
+    assert len(main) == len(extra) == len(prepared.records("train"))
+    assert main[0]["sar"].shape == (2, 2, 64, 64) and main[0]["mask"].shape == (2, 64, 64)  # two views
+    assert all(r["labelled"] == 1 for r in extra) and {int(r["index"]) for r in extra} == {r["index"] for r in prepared.labelled_records()}
+    hidden = [r for r in main if r["labelled"] == 0]
+    assert len(hidden) == len(main) - 3 and all((r["mask"] == 255).all() and int(r["label"]) == -1 for r in hidden)
+    for split in ("val", "test"):
+        shares = [{int(r["index"]) for r in datasets[f"{split}@{k}"].take_all()} for k in range(2)]
+        assert not shares[0] & shares[1] and shares[0] | shares[1] == {r["index"] for r in prepared.records(split)}
+        assert datasets[f"{split}@0"].take(1)[0]["sar"].shape == (2, 64, 64), "evaluation: one view"

@@ -214,3 +214,19 @@ def test_v4_geolocation_gives_crs_and_footprints(tmp_path: Path) -> None:
     check_no_leakage(manifest.records)
     plain = So2SatReader.index(root, version="2").manifest
     assert plain.records[0]["crs"] == ""
+
+
+def test_the_cached_index_of_a_raw_folder_is_keyed_by_its_reader_options(tmp_path: Path):
+    """A swept class subset must never read the index another subset wrote."""
+    from xmodal.data.prepared import DataSettings, index_folder, resolve_manifest
+
+    root = make_so2sat(tmp_path / "so2sat", "2")
+    every = DataSettings(root=str(root), mask_layer=None)
+    urban = DataSettings(root=str(root), mask_layer=None, reader_options={"classes": "urban"})
+    assert index_folder(every) != index_folder(urban)
+    all_classes, urban_classes = resolve_manifest(every), resolve_manifest(urban)
+    assert len(all_classes.info.scene_classes) == 17 and len(urban_classes.info.scene_classes) == 10
+    assert resolve_manifest(urban).info.scene_classes == urban_classes.info.scene_classes  # read back, not re-indexed
+    clash = DataSettings(root=str(root), mask_layer=None, prepared_dir=str(index_folder(urban)), reader_options={"classes": "low-rise"})
+    with pytest.raises(ConfigError, match=r"indexed with reader options \{'classes': 'urban'\}"):
+        resolve_manifest(clash)

@@ -1,9 +1,13 @@
 """Ray Data pipeline: manifest records -> decoded tiles -> prepared, augmented batches.
 
-``build_datasets`` returns one ``ray.data.Dataset`` per split. The decode stage (reader + unit
-conversion) is deterministic and, when the decoded tiles fit comfortably in the object store, is
-materialised once (``data.cache``) so later epochs only pay for augmentation; the prepare stage
-(crop, photometric jitter, normalisation, geometric transform) runs every epoch.
+``build_datasets`` returns the ``ray.data.Dataset`` s of one run: ``train`` (split across workers,
+with the method's augmented views), ``train_labelled`` when the method asks for the labelled stream
+(the labelled subset oversampled to the main stream's length, split across workers and iterated in
+lockstep with it), and per evaluation split one dataset per worker (``val@0``, ``val@1``...: an
+exact partition, so every tile is scored once while every worker evaluates its share). The decode
+stage (reader + unit conversion) is deterministic and, when the decoded tiles fit comfortably in
+the object store, is materialised once (``data.cache``) so later epochs only pay for augmentation;
+the prepare stage (crop, photometric jitter, normalisation, geometric transform) runs every epoch.
 
 The same transforms without Ray (a plain DataLoader) live in :mod:`xmodal.data.torch_data`.
 """
@@ -18,7 +22,11 @@ import ray
 from xmodal.data.prepared import PreparedData
 from xmodal.data.stats import convert_sar
 from xmodal.data.store import PACKED_READER, decode_row
-from xmodal.data.transforms import Decoder, Preparer, stack, unstack
+from xmodal.data.transforms import Decoder, Preparer, stack, unstack, withhold_labels
+
+TRAIN = "train"
+LABELLED_STREAM = "train_labelled"
+EVAL_SPLITS = ("val", "test")
 
 # Decoded tiles may take at most this share of the object store before caching is skipped.
 _CACHE_SHARE = 0.3
@@ -49,10 +57,13 @@ def _prepare_batch(batch: dict[str, np.ndarray], prepared: PreparedData, train: 
     settings = prepared.settings
     preparer = Preparer(prepared.info, prepared.stats, settings.tile_size, settings.augment if train else None, settings.clip_sigma)
     rng = np.random.default_rng()
-    return stack([preparer(sample, rng) for sample in unstack(batch)])
+    views = prepared.views if train else 1
+    return stack([preparer.views(sample, rng, views) for sample in unstack(batch)])
 
 
-def _decode_packed_batch(batch: dict[str, np.ndarray], prepared: PreparedData, indices: dict[str, int]) -> dict[str, np.ndarray]:
+def _decode_packed_batch(
+    batch: dict[str, np.ndarray], prepared: PreparedData, indices: dict[str, int], labelled: dict[str, bool]
+) -> dict[str, np.ndarray]:
     """Rows of packed Parquet parts -> stacked decoded arrays."""
     info, options, sar_db = prepared.info, prepared.settings.load_options(), prepared.settings.sar_db
     samples = []
@@ -64,7 +75,7 @@ def _decode_packed_batch(batch: dict[str, np.ndarray], prepared: PreparedData, i
         arrays["optical_valid"] = (arrays["optical_valid"] & np.isfinite(arrays["optical"]).all(axis=0)).astype(np.uint8)
         arrays["label"] = np.int64(row["scene_label"])
         arrays["index"] = np.int64(indices[str(row["tile_id"])])
-        samples.append(arrays)
+        samples.append(withhold_labels(arrays, labelled[str(row["tile_id"])], info.ignore_index))
     return stack(samples)
 
 
@@ -76,11 +87,15 @@ def _read_packed(prepared: PreparedData, split: str, records: list[dict[str, Any
     root = prepared.manifest.data_root
     parts = sorted({record["sar_path"] for record in records})
     wanted = {record["tile_id"]: record["index"] for record in records}
+    labelled = {record["tile_id"]: bool(record.get("labelled", True)) for record in records}
     dataset = ray.data.read_parquet([str(root / part) for part in parts], shuffle="files" if shuffle_files else None)
     if len(wanted) < sum(1 for r in prepared.manifest.records if r["sar_path"] in parts):
         keep = set(wanted)
         dataset = dataset.filter(lambda row: row["tile_id"] in keep)
-    return dataset.map_batches(_decode_packed_batch, fn_kwargs={"prepared": prepared, "indices": wanted}, batch_size=16)
+    if len(records) > len(wanted):  # an oversampled stream: repeat the parts' tiles, then cut to length
+        repeats = -(-len(records) // len(wanted))
+        dataset = dataset.union(*[dataset] * (repeats - 1)).limit(len(records))
+    return dataset.map_batches(_decode_packed_batch, fn_kwargs={"prepared": prepared, "indices": wanted, "labelled": labelled}, batch_size=16)
 
 
 def _scalar(value: Any) -> Any:
@@ -111,17 +126,25 @@ def should_cache(prepared: PreparedData, tiles: int) -> bool:
     return decoded_bytes(prepared, tiles) < _CACHE_SHARE * store
 
 
-def build_dataset(prepared: PreparedData, split: str, *, train: bool | None = None, cache: bool | None = None) -> ray.data.Dataset:
-    """A Ray Dataset of prepared samples of one split.
+def build_dataset(
+    prepared: PreparedData,
+    split: str,
+    *,
+    records: list[dict[str, Any]] | None = None,
+    train: bool | None = None,
+    cache: bool | None = None,
+) -> ray.data.Dataset:
+    """A Ray Dataset of prepared samples.
 
     Args:
         prepared: The checked dataset.
         split: ``train``, ``val`` or ``test``.
-        train: Augment (defaults to ``split == "train"``).
+        records: The records to stream (default: the split's).
+        train: Augment, with the method's views (defaults to ``split == "train"``).
         cache: Materialise decoded tiles (defaults to :func:`should_cache`).
     """
-    train = split == "train" if train is None else train
-    records = prepared.records(split)
+    train = split == TRAIN if train is None else train
+    records = prepared.records(split) if records is None else records
     if not records:
         raise ValueError(f"split {split!r} of {prepared.info.name!r} is empty")
     blocks = prepared.settings.blocks or default_blocks(prepared, len(records))
@@ -145,6 +168,31 @@ def build_dataset(prepared: PreparedData, split: str, *, train: bool | None = No
     return dataset.map_batches(_prepare_batch, fn_kwargs={"prepared": prepared, "train": train}, batch_size=decode_batch)
 
 
-def build_datasets(prepared: PreparedData, splits: tuple[str, ...] = ("train", "val")) -> dict[str, ray.data.Dataset]:
-    """One dataset per split (empty splits are left out)."""
-    return {split: build_dataset(prepared, split) for split in splits if prepared.records(split)}
+def eval_dataset_name(split: str, rank: int, world_size: int) -> str:
+    """Name of worker ``rank``'s share of an evaluation split (the split itself with one worker)."""
+    return split if world_size == 1 else f"{split}@{rank}"
+
+
+def build_datasets(
+    prepared: PreparedData,
+    splits: tuple[str, ...] = (TRAIN, "val"),
+    *,
+    world_size: int = 1,
+    streams: tuple[str, ...] = (),
+) -> dict[str, ray.data.Dataset]:
+    """The datasets of one run (see the module docstring); empty splits and shares are left out."""
+    datasets: dict[str, ray.data.Dataset] = {}
+    for split in splits:
+        records = prepared.records(split)
+        if not records:
+            continue
+        if split == TRAIN:
+            datasets[TRAIN] = build_dataset(prepared, TRAIN, records=records)
+            if "labelled" in streams:
+                datasets[LABELLED_STREAM] = build_dataset(prepared, TRAIN, records=prepared.labelled_stream())
+            continue
+        for rank in range(world_size):
+            share = records[rank::world_size]
+            if share:
+                datasets[eval_dataset_name(split, rank, world_size)] = build_dataset(prepared, split, records=share, train=False)
+    return datasets

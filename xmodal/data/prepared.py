@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from xmodal.data.labels import LabelSettings, choose_labelled, oversample
 from xmodal.data.manifest import DATASET_FILE, STATS_FILE, Manifest
 from xmodal.data.readers.base import LoadOptions, detect_reader
 from xmodal.data.splits import check_no_leakage
@@ -37,8 +38,7 @@ class DataSettings:
         batch_size: Per-worker batch size.
         sar_db: Convert SAR intensity bands (linear, amplitude) to dB before normalising.
         clip_sigma: Clip normalised values to this many standard deviations.
-        label_fraction: Share of training tiles whose labels are used (seeded subset).
-        label_seed: Seed of that subset.
+        labels: Which training tiles keep their labels (:class:`~xmodal.data.labels.LabelSettings`).
         cache: ``auto`` (cache decoded tiles in the object store when they fit), ``always``, ``never``.
         blocks: Ray Data blocks per split (``None``: about 16 MiB of decoded tiles per block).
         shuffle_buffer: Local shuffle buffer (rows) on each training worker.
@@ -54,8 +54,7 @@ class DataSettings:
     batch_size: int = 8
     sar_db: bool = True
     clip_sigma: float = 6.0
-    label_fraction: float = 1.0
-    label_seed: int = 0
+    labels: LabelSettings = field(default_factory=LabelSettings)
     cache: str = "auto"
     blocks: int | None = None
     shuffle_buffer: int = 64
@@ -65,8 +64,6 @@ class DataSettings:
     def __post_init__(self) -> None:
         if self.cache not in ("auto", "always", "never"):
             raise ConfigError(f"data.cache={self.cache!r}; expected auto, always or never")
-        if not 0 < self.label_fraction <= 1:
-            raise ConfigError(f"data.label_fraction={self.label_fraction}; expected a share in (0, 1]")
         if self.tile_size <= 0 or self.batch_size <= 0:
             raise ConfigError("data.tile_size and data.batch_size must be positive")
 
@@ -82,25 +79,62 @@ def split_signature(manifest: Manifest) -> str:
 
 @dataclass
 class PreparedData:
-    """A checked dataset ready to stream."""
+    """A checked dataset ready to stream, as one run reads it.
+
+    Attributes:
+        manifest: The records and the dataset description.
+        stats: Per-band statistics of the training split.
+        settings: The run's ``data:`` section.
+        keep_unlabelled: Keep the training tiles outside the labelled subset (labels withheld)
+            rather than dropping them (resolved from ``data.labels.unlabelled`` and the method).
+        views: Augmented views of each training tile.
+    """
 
     manifest: Manifest
     stats: DatasetStats
     settings: DataSettings
+    keep_unlabelled: bool = False
+    views: int = 1
 
     @property
     def info(self):
         return self.manifest.info
 
+    def _labelled_positions(self) -> np.ndarray:
+        cached = getattr(self, "_labelled_cache", None)
+        if cached is None:
+            cached = choose_labelled(self.manifest.split("train"), self.settings.labels)
+            object.__setattr__(self, "_labelled_cache", cached)
+        return cached
+
     def records(self, split: str) -> list[dict[str, Any]]:
-        """Records of ``split``; for ``train``, the labelled subset when ``label_fraction`` < 1."""
+        """Records of ``split``, each with a ``labelled`` flag.
+
+        For ``train`` with a labelled subset: the labelled tiles only, or (``keep_unlabelled``)
+        every tile with ``labelled`` False outside the subset.
+        """
         records = self.manifest.split(split)
-        if split == "train" and self.settings.label_fraction < 1.0:
-            rng = np.random.default_rng(self.settings.label_seed)
-            keep = max(1, int(round(len(records) * self.settings.label_fraction)))
-            chosen = sorted(rng.choice(len(records), size=keep, replace=False))
-            records = [records[i] for i in chosen]
-        return records
+        if split != "train" or not self.settings.labels.is_subset:
+            return [{**r, "labelled": True} for r in records]
+        chosen = set(self._labelled_positions().tolist())
+        if not self.keep_unlabelled:
+            return [{**records[i], "labelled": True} for i in sorted(chosen)]
+        return [{**r, "labelled": i in chosen} for i, r in enumerate(records)]
+
+    def labelled_records(self) -> list[dict[str, Any]]:
+        """The training tiles that keep their labels."""
+        return [r for r in self.records("train") if r["labelled"]]
+
+    def labelled_stream(self) -> list[dict[str, Any]]:
+        """The labelled stream of one epoch: the labelled tiles oversampled (seeded) to as many
+        records as the main training stream has."""
+        labelled = self.labelled_records()
+        order = oversample(len(labelled), len(self.records("train")), self.settings.labels.seed)
+        return [labelled[i] for i in order]
+
+    def for_method(self, keep_unlabelled: bool, views: int) -> "PreparedData":
+        """This dataset as a method with these needs reads it."""
+        return PreparedData(self.manifest, self.stats, self.settings, keep_unlabelled=keep_unlabelled, views=views)
 
     def num_classes(self) -> int:
         """Classes of the mask layer (or scene classes when no mask layer is used)."""
@@ -121,13 +155,35 @@ def resolve_manifest(settings: DataSettings) -> Manifest:
         raise DataError(f"data.root {root}: not found (make a synthetic world with `xmodal data synth {root}`)")
     if (root / DATASET_FILE).is_file():
         return Manifest.load(root)
-    prepared = Path(settings.prepared_dir) if settings.prepared_dir else root / ".xmodal"
+    prepared = index_folder(settings)
     if (prepared / DATASET_FILE).is_file():
+        recorded = json.loads((prepared / READER_OPTIONS_FILE).read_text()) if (prepared / READER_OPTIONS_FILE).is_file() else {}
+        if recorded != settings.reader_options:
+            raise ConfigError(
+                f"data.prepared_dir {prepared}: indexed with reader options {recorded}, not {settings.reader_options}; "
+                "leave prepared_dir unset (each set of options gets its own index) or delete that folder"
+            )
         return Manifest.load(prepared)
     reader = detect_reader(root)
     result = reader.index(root, **settings.reader_options)
     result.manifest.save(prepared)
+    (prepared / READER_OPTIONS_FILE).write_text(json.dumps(settings.reader_options, sort_keys=True))
     return Manifest.load(prepared)
+
+
+READER_OPTIONS_FILE = "reader_options.json"
+
+
+def index_folder(settings: DataSettings) -> Path:
+    """Where the index of a raw dataset folder is kept: ``prepared_dir``, else ``<root>/.xmodal``,
+    in a sub-folder per set of reader options (a swept class subset never reads a stale index)."""
+    if settings.prepared_dir:
+        return Path(settings.prepared_dir)
+    base = Path(settings.root) / ".xmodal"
+    if not settings.reader_options:
+        return base
+    digest = hashlib.sha256(json.dumps(settings.reader_options, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return base / f"options-{digest}"
 
 
 def prepare_data(settings: DataSettings, *, compute_missing_stats: bool = True) -> PreparedData:

@@ -16,11 +16,20 @@ from xmodal.data.transforms import Decoder, Preparer, stack
 
 
 class TileDataset(torch.utils.data.Dataset):
-    """Map-style PyTorch dataset over the same transforms (no Ray)."""
+    """Map-style PyTorch dataset over the same transforms (no Ray); training samples carry the
+    method's augmented views."""
 
-    def __init__(self, prepared: PreparedData, split: str, train: bool | None = None, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        prepared: PreparedData,
+        split: str,
+        train: bool | None = None,
+        seed: int | None = None,
+        records: list | None = None,
+    ) -> None:
         train = split == "train" if train is None else train
-        self.records = prepared.records(split)
+        self.records = prepared.records(split) if records is None else records
+        self.views = prepared.views if train else 1
         settings = prepared.settings
         self.decoder = Decoder(prepared.info, prepared.manifest.data_root, settings.load_options(), settings.sar_db)
         self.preparer = Preparer(prepared.info, prepared.stats, settings.tile_size, settings.augment if train else None, settings.clip_sigma)
@@ -31,7 +40,7 @@ class TileDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(None if self.seed is None else (self.seed, position))
-        return self.preparer(self.decoder(self.records[position]), rng)
+        return self.preparer.views(self.decoder(self.records[position]), rng, self.views)
 
 
 def torch_loader(prepared: PreparedData, split: str, *, num_workers: int = 0, shuffle: bool | None = None) -> torch.utils.data.DataLoader:
@@ -43,6 +52,17 @@ def torch_loader(prepared: PreparedData, split: str, *, num_workers: int = 0, sh
         shuffle=train if shuffle is None else shuffle,
         num_workers=num_workers,
         drop_last=train,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def labelled_loader(prepared: PreparedData, *, num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """The labelled stream without Ray: the labelled tiles, drawn (reshuffled each epoch, each tile
+    as evenly as possible) to as many samples as the main training loader has."""
+    dataset = TileDataset(prepared, "train", records=prepared.labelled_records())
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=False, num_samples=len(prepared.records("train")))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=prepared.settings.batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
         persistent_workers=num_workers > 0,
     )
 

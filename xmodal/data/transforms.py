@@ -24,6 +24,7 @@ import numpy as np
 
 from xmodal.data.manifest import DatasetInfo
 from xmodal.data.readers.base import LoadOptions, get_reader
+from xmodal.data.sample import NO_LABEL
 from xmodal.data.stats import DatasetStats, convert_sar
 from xmodal.errors import ConfigError, DataError
 
@@ -102,10 +103,24 @@ class Decoder:
             out["mask"] = sample.mask
         if sample.noisy_mask is not None:
             out["noisy_mask"] = sample.noisy_mask
+        out = withhold_labels(out, bool(record.get("labelled", True)), self.info.ignore_index)
         if self.info.tile_size and sample.shape != (self.info.tile_size, self.info.tile_size):
             # Keep cached blocks fixed-shape: datasets with a nominal tile size pad/crop to it here.
             out = crop_or_pad(out, self.info.tile_size, None, self.info.ignore_index)
         return out
+
+
+def withhold_labels(sample: dict[str, np.ndarray], labelled: bool, ignore_index: int) -> dict[str, np.ndarray]:
+    """Set the ``labelled`` flag; outside a labelled subset, every label becomes unknown (masks all
+    ``ignore_index``, the scene label :data:`~xmodal.data.sample.NO_LABEL`), so no loss can see it."""
+    out = dict(sample)
+    out["labelled"] = np.uint8(labelled)
+    if not labelled:
+        for key in LABEL_KEYS:
+            if key in out:
+                out[key] = np.full_like(out[key], ignore_index)
+        out["label"] = np.int64(NO_LABEL)
+    return out
 
 
 def crop_or_pad(
@@ -187,6 +202,19 @@ class Preparer:
             out = self._geometric(out, rng)
         # ascontiguousarray would turn 0-d scalars (label, index) into shape (1,): keep them 0-d.
         return {k: np.ascontiguousarray(v) if np.ndim(v) else v for k, v in out.items()}
+
+    def views(self, sample: dict[str, np.ndarray], rng: np.random.Generator, count: int) -> dict[str, np.ndarray]:
+        """``count`` independently augmented views of one decoded sample.
+
+        One view is exactly :meth:`__call__`. With ``count > 1`` every per-pixel field gets a
+        leading view axis (``sar``: V x C x H x W, ``mask``: V x H x W); each view draws its own crop
+        and geometric transform (shared by the modalities and labels of that view) and its own
+        photometric jitter per modality. Scalars (``label``, ``index``, ``labelled``) stay as they are.
+        """
+        if count == 1:
+            return self(sample, rng)
+        drawn = [self(sample, rng) for _ in range(count)]
+        return {key: np.stack([view[key] for view in drawn]) if np.ndim(drawn[0][key]) else drawn[0][key] for key in drawn[0]}
 
     def _normalise(self, image: np.ndarray, mean: np.ndarray, std: np.ndarray, valid: np.ndarray) -> np.ndarray:
         image = (image - mean[:, None, None]) / std[:, None, None]

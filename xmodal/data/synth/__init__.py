@@ -14,6 +14,7 @@ from xmodal.data.synth.classes import LANDCOVER_CLASSES, SCENE_CLASSES
 from xmodal.data.synth.config import WorldConfig
 from xmodal.data.synth.style import RegionStyle, region_style
 from xmodal.data.synth.world import dataset_info, generate_scene, generate_world, tile_bounds
+from xmodal.data.synth.dataset import parse_world, synthesize
 
 __all__ = [
     "LANDCOVER_CLASSES",
@@ -23,6 +24,8 @@ __all__ = [
     "dataset_info",
     "generate_scene",
     "generate_world",
+    "parse_world",
     "region_style",
+    "synthesize",
     "tile_bounds",
 ]

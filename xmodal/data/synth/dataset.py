@@ -12,7 +12,7 @@ from xmodal.data.splits import SplitSettings
 
 def parse_world(world: dict[str, Any] | None) -> tuple[Any, SplitSettings]:
     """A config's ``world:`` section as a validated WorldConfig and its optional ``split:``."""
-    from xmodal.data.synth import WorldConfig
+    from xmodal.data.synth.config import WorldConfig
 
     fields = dict(world or {})
     split = SplitSettings.from_dict(fields.pop("split", None))
@@ -29,7 +29,7 @@ def synthesize(out: str | Path, world: dict[str, Any] | None = None, split: Spli
         split: How to split (:class:`~xmodal.data.splits.SplitSettings`); overrides ``world``'s
             ``split``. Default: whole regions, 15 % val and 20 % test.
     """
-    from xmodal.data.synth import generate_world
+    from xmodal.data.synth.world import generate_world
 
     world_config, world_split = parse_world(world)
     if split is None:
