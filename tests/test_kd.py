@@ -1,5 +1,6 @@
-"""kd: the cosine reconstruction loss, the frozen teacher, student initialisation, M&F stages,
-Ft-D through the supervised method, and the teacher -> reconstruct -> Ft-A chain on Ray Train."""
+"""kd: the frozen teacher, student initialisation, M&F stages, label-free selection, Ft-D through the
+supervised method, and the teacher -> reconstruct -> Ft-A chain on Ray Train. (The cosine loss is
+tested in tests/losses/test_cosine.py.)"""
 
 from __future__ import annotations
 
@@ -8,21 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from xmodal.errors import ConfigError
-from xmodal.methods.base import DataSpec, Export, MethodContext, ModelSettings, OptimSettings, get_method
-from xmodal.methods.exports import build_network, save_exports
-from xmodal.methods.kd import (
-    PAPER_TABLE,
-    KdSettings,
-    KnowledgeDistillation,
-    classify_run,
-    default_switch_epochs,
-    layer_cosine,
-    reconstruction_loss,
-)
+from xmodal.methods.base import DataSpec, Export, MethodContext, ModelSettings
+from xmodal.methods.exports import save_exports
+from xmodal.methods.kd import PAPER_TABLE, KdSettings, KnowledgeDistillation, classify_run, default_switch_epochs
+from xmodal.methods.optim import OptimSettings
+from xmodal.methods.registry import get_method
 from xmodal.methods.supervised import Supervised, SupervisedSettings
+from xmodal.models import build_network
 
 torch.set_num_threads(1)
 
@@ -36,7 +31,7 @@ SGD = OptimSettings(epochs=4, lr=0.05, optimizer="sgd", weight_decay=0.0, schedu
 
 
 def context(inputs: dict[str, Path]) -> MethodContext:
-    return MethodContext(torch.device("cpu"), 0, 1, lambda module: module, steps_per_epoch=2, inputs=inputs, log=lambda _: None)
+    return MethodContext(torch.device("cpu"), steps_per_epoch=2, epochs=SGD.epochs, inputs=inputs, log=lambda _: None)
 
 
 def batch(seed: int = 0, size: int = 32) -> dict[str, torch.Tensor]:
@@ -54,11 +49,11 @@ def batch(seed: int = 0, size: int = 32) -> dict[str, torch.Tensor]:
 def teacher_dir(tmp_path: Path) -> Path:
     """A checkpoint folder exporting a (random) optical teacher, as a teacher phase would."""
     torch.manual_seed(1)
-    teacher = build_network(MODEL, 4, 1)
+    teacher = build_network("segmenter", **MODEL.segmenter_kwargs(4, 1))
     teacher.train()
     with torch.no_grad():  # non-trivial BatchNorm statistics, so "unchanged" means something
         teacher(torch.randn(4, 4, 32, 32) * 3 + 1)
-    save_exports({"model": Export(teacher, 4, 1, MODEL, "optical")}, tmp_path)
+    save_exports({"model": Export(teacher, "optical")}, tmp_path)
     return tmp_path
 
 
@@ -70,55 +65,6 @@ def make_kd(teacher_dir: Path, optim: OptimSettings = SGD, **settings) -> Knowle
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-# ---------------------------------------------------------------------------------------------- loss
-
-
-@pytest.mark.parametrize("shape", [(3, 5, 4, 6), (3, 7)])
-def test_cosine_matches_torch_both_reductions(shape):
-    generator = torch.Generator().manual_seed(0)
-    student, teacher = torch.randn(*shape, generator=generator), torch.randn(*shape, generator=generator)
-    pixel = F.cosine_similarity(student, teacher, dim=1).mean()
-    sample = F.cosine_similarity(student.flatten(1), teacher.flatten(1), dim=1).mean()
-    assert torch.allclose(layer_cosine(student, teacher, "pixel"), pixel, atol=1e-6)
-    assert torch.allclose(layer_cosine(student, teacher, "sample"), sample, atol=1e-6)
-    assert torch.allclose(layer_cosine(student, teacher, "auto"), pixel, atol=1e-6)  # C > 1: per pixel
-    # Eq. 2 over two layers: 1 - mean of the per-layer cosines.
-    features_s, features_t = {"a": student, "b": teacher}, {"a": teacher, "b": teacher}
-    loss, cosines = reconstruction_loss(features_s, features_t, ["a", "b"], "sample")
-    assert torch.allclose(loss, 1 - (sample + 1) / 2, atol=1e-6) and set(cosines) == {"a", "b"}
-
-
-def test_one_channel_logits_get_a_gradient_only_per_sample():
-    generator = torch.Generator().manual_seed(0)
-    student = torch.randn(2, 1, 8, 8, generator=generator, requires_grad=True)
-    teacher = torch.randn(2, 1, 8, 8, generator=generator)
-    # Per pixel over one channel: sign(s) * sign(t), a constant +-1, no gradient.
-    (1 - layer_cosine(student, teacher, "pixel")).backward()
-    assert student.grad.abs().max() == 0
-    student.grad = None
-    (1 - layer_cosine(student, teacher)).backward()  # the default: auto -> per sample here
-    assert student.grad.abs().max() > 1e-4
-    expected = F.cosine_similarity(student.flatten(1), teacher.flatten(1), dim=1).mean()
-    assert torch.allclose(layer_cosine(student, teacher), expected)
-
-
-def test_zero_activations_and_invalid_pixels():
-    student = torch.zeros(2, 3, 4, 4, requires_grad=True)
-    teacher = torch.randn(2, 3, 4, 4)
-    for reduction in ("pixel", "sample"):
-        value = layer_cosine(student, teacher, reduction)
-        value.backward()
-        assert value == 0 and torch.isfinite(student.grad).all()
-    # Invalid input pixels are left out, at the layer's resolution (here 8x8 input -> 4x4 layer).
-    student, teacher = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    valid = torch.ones(2, 8, 8, dtype=torch.bool)
-    valid[:, :, 4:] = False  # right half missing
-    kept = F.cosine_similarity(student[..., :2], teacher[..., :2], dim=1).mean()
-    assert torch.allclose(layer_cosine(student, teacher, "pixel", valid), kept, atol=1e-6)
-    halves = F.cosine_similarity(student[..., :2].flatten(1), teacher[..., :2].flatten(1), dim=1).mean()
-    assert torch.allclose(layer_cosine(student, teacher, "sample", valid), halves, atol=1e-6)
 
 
 def test_settings_are_validated():
@@ -179,12 +125,14 @@ def test_mid_fin_switches_layers_at_the_configured_epoch(teacher_dir: Path):
     method = make_kd(teacher_dir, layers="mid+fin", switch_epochs=[1])
     assert method.active_layers() == ["encoder.out"]
     assert "cosine/encoder.out" in method.train_step(batch(), 0)
-    method.end_epoch(0)
+    method.finish_epoch(0, {})
     assert method.active_layers() == ["logits"]
     logs = method.train_step(batch(), 1)
     assert "cosine/logits" in logs and "cosine/encoder.out" not in logs
     metrics = method.evaluate([batch(1)]).metrics
-    assert {"iou", "teacher/iou", "loss", "cosine/encoder.out", "cosine/logits"} <= set(metrics)
+    assert {"iou", "teacher/iou", "loss", "loss/stage", "cosine/encoder.out", "cosine/logits"} <= set(metrics)
+    # Selection compares epochs on the last stage's objective, whatever stage is training.
+    assert metrics["loss"] == pytest.approx(1 - metrics["cosine/logits"], abs=1e-6)
     # The stage survives a resume.
     fresh = make_kd(teacher_dir, layers="mid+fin", switch_epochs=[1])
     fresh.load_state_dict(method.state_dict())
@@ -232,12 +180,13 @@ def test_paper_table_and_run_classification():
     assert len(PAPER_TABLE["rows"]) == 14 and len(PAPER_TABLE["columns"]) == 7
     assert PAPER_TABLE["paper"]["int/ft_a"]["unet-vgg19"] == 46.09
     assert PAPER_TABLE["paper"]["mid/ft_d"]["segnet-vgg19"] is None
+    assert KnowledgeDistillation.paper_tables == (PAPER_TABLE,)
     runs = [
         {"name": "c/teacher", "method": "supervised", "method_settings": {"input": "optical"}, "model": {"arch": "unet", "encoder": "mobilenet_v2"}},
         {"name": "c/reconstruct", "method": "kd", "method_settings": {"layers": "int"}, "model": {"arch": "unet", "encoder": "mobilenet_v2"}},
         {"name": "c/ft_d", "method": "supervised", "method_settings": {"input": "sar", "init": "student", "freeze_encoder": True}, "model": {"arch": "unet", "encoder": "mobilenet_v2"}},
         {"name": "c/x_mid", "method": "kd", "method_settings": {"layers": "mid"}, "model": {"arch": "DeepLabV3+", "encoder": "resnet50"}},
-        {"name": "c/x_mid_ft_a", "method": "supervised", "method_settings": {"input": "sar", "init": "student"}, "model": {"arch": "DeepLabV3+", "encoder": "resnet50"}, "data": {"label_fraction": 0.05}},
+        {"name": "c/x_mid_ft_a", "method": "supervised", "method_settings": {"input": "sar", "init": "student"}, "model": {"arch": "DeepLabV3+", "encoder": "resnet50"}, "data": {"labels": {"fraction": 0.05}}},
     ]
     assert [classify_run(r, runs) for r in runs] == [
         ("optical", "unet-mobilenetv2"),
@@ -254,7 +203,7 @@ def test_paper_table_and_run_classification():
 @pytest.mark.ray
 def test_teacher_reconstruct_finetune_chain_on_two_workers(tiny_world: Path, tmp_path: Path, ray_local):
     from xmodal.engine.config import build_config
-    from xmodal.engine.report import render_run_report
+    from xmodal.report.runs import render_run_report
     from xmodal.engine.runner import run_experiment
 
     config = build_config(
@@ -284,8 +233,11 @@ def test_teacher_reconstruct_finetune_chain_on_two_workers(tiny_world: Path, tmp
     assert 0 <= reconstruct.metrics["test/iou"] <= 1 and "test/cosine/encoder.stage1" in reconstruct.metrics
     assert reconstruct.metrics["test/teacher/iou"] == pytest.approx(teacher.metrics["test/iou"], abs=1e-6)
     assert (Path(reconstruct.checkpoint) / "exports" / "model.pt").is_file()
-    summary = json.loads((Path(finetune.results_dir) / "metrics.json").read_text())
+    summary = json.loads((Path(finetune.results_dir) / "run.json").read_text())
     assert summary["method_settings"]["init"] == "student" and "test/iou" in summary["metrics"]
+    # The finetuning started from the checkpoint the reconstruction tested (label-free: its own loss).
+    assert summary["inputs"]["student"] == {"run": reconstruct.name, "checkpoint": reconstruct.checkpoint, "which": "tested"}
+    assert reconstruct.summary["metric"] == "val/loss" and reconstruct.summary["metric_labelled"] is False
 
     files = render_run_report(tmp_path / "runs", echo=False)
     assert files.runs == 3 and "Int+Ft-A" in files.text and "unet:resnet18" in files.text

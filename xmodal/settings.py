@@ -153,3 +153,13 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(f"override {dotted!r}: {key!r} is a value, not a section")
         node = child
     node[keys[-1]] = value
+
+
+def get_dotted(data: Any, dotted: str, default: Any = None) -> Any:
+    """``data["a"]["b"]`` for ``dotted == "a.b"``, or ``default`` when a key is missing."""
+    node = data
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return default
+        node = node[key]
+    return node
