@@ -90,7 +90,7 @@ def hand_dataset(tmp_path: Path) -> Manifest:
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated synthetic world (4 regions x 10 scenes of 64 px: 2 train, 1 val, 1 test region)."""
-    from xmodal.data.build import synthesize
+    from xmodal.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("world")
     synthesize(root, TINY_WORLD)

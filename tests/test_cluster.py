@@ -92,7 +92,7 @@ def test_kuberay_manifests(name: str, kind: str):
         assert container["image"].endswith("xmodal:2.60.0")
         assert any(m["mountPath"] == "/mnt/shared" for m in container["volumeMounts"]), "shared storage on every pod"
     if kind == "RayJob":
-        from xmodal.engine.sweep_spec import load_sweep
+        from xmodal.tune.spec import load_sweep
 
         entry = manifest["spec"]["entrypoint"].split()
         assert entry[:4] == ["python", "-m", "xmodal.cli.main", "sweep"]
@@ -252,7 +252,7 @@ def test_two_knob_sweep_as_a_ray_job_survives_a_killed_train_worker_and_reports(
     assert re.search(r"\[trial-\w+\] resumed from epoch [12] checkpoint", logs), logs[-4000:]
     assert "sweep job: 1 trials (1 terminated)" in logs and "1 at a time" in logs and "trials/hour" in logs and "busy" in logs
 
-    from xmodal.engine.sweep_report import load_trials, render_sweep_report
+    from xmodal.report.sweeps import load_trials, render_sweep_report
 
     (trial,) = load_trials(folder)
     assert trial["state"] == "TERMINATED" and trial["final"]["epoch"] == 2 and "test/iou" in trial["final"], trial["error"]

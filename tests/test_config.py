@@ -75,3 +75,13 @@ def test_fingerprint_ignores_epochs_but_not_the_model():
     b = build_config({**MINIMAL, "train": {"epochs": 9}, "scaling": {"num_workers": 2}})
     c = build_config({**MINIMAL, "model": {"arch": "fpn"}})
     assert fingerprint(a) == fingerprint(b) != fingerprint(c)
+
+
+def test_every_shipped_experiment_config_builds():
+    """Stale keys in a shipped config (a renamed setting) fail here, not on a user's cluster."""
+    repo = Path(__file__).resolve().parents[1]
+    configs = [p for p in sorted((repo / "experiments").rglob("*.yaml")) if "sweep" not in p.stem and "sweeps" not in p.parts and p.stem != "base"]
+    assert len(configs) > 10
+    for path in configs:
+        config = load_config(path)
+        assert config.name and (config.phases or config.method)

@@ -72,13 +72,16 @@ def test_two_worker_landcover_baseline_beats_chance_and_writes_results(tiny_worl
     chance = majority_share(tiny_world, "landcover")
     assert result.metrics["test/accuracy"] > chance + 0.05, (result.metrics, chance)
     assert 0 < result.metrics["test/miou"] <= 1
-    summary = json.loads((Path(result.results_dir) / "metrics.json").read_text())
+    summary = json.loads((Path(result.results_dir) / "run.json").read_text())
     assert summary["method_settings"]["input"] == "optical" and summary["epochs"] == 10
     assert (Path(result.results_dir) / "panels_test.png").stat().st_size > 10_000
     assert list((Path(result.results_dir) / "tensorboard").glob("events.out.tfevents.*"))
-    checkpoint = Path(result.checkpoint)
+    checkpoint = Path(result.last_checkpoint)
     state = torch.load(checkpoint / "state.pt", weights_only=False)
     assert state["epoch"] == 9 and (checkpoint / "exports" / "model.pt").is_file()
+    # The checkpoint later phases receive is the one that was tested.
+    tested = torch.load(Path(result.checkpoint) / "state.pt", weights_only=False)
+    assert tested["epoch"] + 1 == summary["tested_epoch"]
     first_steps = state["global_step"]
     # The test split is scored with the weights that did best on validation (epoch 5 or 10).
     best = state["best"]
@@ -88,7 +91,7 @@ def test_two_worker_landcover_baseline_beats_chance_and_writes_results(tiny_worl
     # Relaunching the same run resumes from its last checkpoint instead of retraining.
     again = build_config(tiny_config(tiny_world, tmp_path, train={"epochs": 11, "lr": 0.005, "schedule": "constant"}))
     (resumed,) = run_experiment(again)
-    state = torch.load(Path(resumed.checkpoint) / "state.pt", weights_only=False)
+    state = torch.load(Path(resumed.last_checkpoint) / "state.pt", weights_only=False)
     # 10 resumed epochs + 1 new one, each with the same number of steps.
     assert state["epoch"] == 10 and state["global_step"] == 11 * (first_steps // 10)
     # The best epoch survives the resume (its weights come back from Ray's kept checkpoint).

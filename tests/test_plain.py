@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from xmodal.engine.config import build_config
-from xmodal.engine.plain import is_better, train_plain
+from xmodal.engine.plain import run_plain
+from xmodal.methods.base import is_better
 
 
 def test_plain_loop_tests_the_best_validation_epoch(tiny_world: Path, tmp_path: Path):
@@ -25,13 +27,20 @@ def test_plain_loop_tests_the_best_validation_epoch(tiny_world: Path, tmp_path: 
         }
     )
     lines: list[str] = []
-    outcome = train_plain(config, log=lines.append)
-    assert len(lines) == 3
-    per_epoch = [float(line.rsplit("val/iou ", 1)[1]) for line in lines]
+    (result,) = run_plain(config, log=lines.append)
+    epochs = [line for line in lines if " epoch " in line]
+    assert len(epochs) == 3
+    per_epoch = [float(line.split("val/iou ", 1)[1].split()[0]) for line in epochs]
     best = max(range(3), key=lambda i: per_epoch[i])
-    assert outcome["best_epoch"] == best + 1
-    assert outcome["val/iou"] == pytest.approx(per_epoch[best], abs=5e-5)
-    assert 0.0 <= outcome["test/iou"] <= 1.0 and len(outcome["epoch_seconds"]) == 3
+    assert result.summary["tested_epoch"] == best + 1
+    assert result.metrics["val/iou"] == pytest.approx(per_epoch[best], abs=5e-5)
+    assert 0.0 <= result.metrics["test/iou"] <= 1.0 and len(result.summary["history"]) == 3
+    # The tested checkpoint is the best epoch's; the last one is kept beside it.
+    state = torch.load(Path(result.checkpoint) / "state.pt", weights_only=False)
+    assert state["epoch"] + 1 == best + 1 and (Path(result.last_checkpoint) / "exports" / "model.pt").is_file()
+    # Relaunching resumes from checkpoint_last: nothing to train, the same test result.
+    (again,) = run_plain(config, log=lines.append)
+    assert any("resumed from epoch 3" in line for line in lines) and again.metrics["test/iou"] == pytest.approx(result.metrics["test/iou"])
 
 
 def test_is_better_follows_the_metric_mode():

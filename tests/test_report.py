@@ -1,4 +1,4 @@
-"""The run-directory report renders from metrics.json files alone (no training)."""
+"""The run-directory report renders from run.json files alone (no training)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from xmodal.engine.report import build_report, collect_runs, render_run_report
+from xmodal.report.runs import build_report, collect_runs, render_run_report
 from xmodal.errors import ConfigError
 
 UNET_XCEPTION = {"arch": "unet", "encoder": "xception", "encoder_depth": None, "decoder_channels": None, "kwargs": {}}
@@ -16,14 +16,14 @@ SMALL_UNET = {"arch": "unet", "encoder": "resnet18", "encoder_depth": 3, "decode
 
 
 def write_run(storage: Path, name: str, method: str, settings: dict, test_iou: float | None, model: dict = UNET_XCEPTION, fraction: float = 1.0) -> None:
-    """A metrics.json as the runner writes it at the end of a run."""
+    """A run.json as the runner writes it at the end of a run."""
     metrics = {"val/iou": test_iou, "test/iou": test_iou, "test/miou": 0.5} if test_iou is not None else {}
     summary = {
         "name": name,
         "method": method,
         "method_settings": settings,
         "model": model,
-        "data": {"root": "data/x", "mask_layer": "buildings", "label_fraction": fraction},
+        "data": {"root": "data/x", "mask_layer": "buildings", "labels": {"fraction": fraction, "count": None, "seed": 0, "stratify": False}},
         "epochs": 1,
         "metric": "val/iou",
         "metrics": metrics,
@@ -33,7 +33,7 @@ def write_run(storage: Path, name: str, method: str, settings: dict, test_iou: f
     }
     folder = storage / name
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.json").write_text(json.dumps(summary))
+    (folder / "run.json").write_text(json.dumps(summary))
     # A checkpoint's per-epoch metrics.json sits in the same tree and must be ignored.
     (folder / "checkpoint_000000").mkdir(exist_ok=True)
     (folder / "checkpoint_000000" / "metrics.json").write_text(json.dumps({"val/iou": 0.9, "epoch": 1}))
@@ -118,3 +118,26 @@ def test_declarative_match_rules_without_a_classifier(grid_runs: Path):
 def test_report_needs_runs(tmp_path: Path):
     with pytest.raises(ConfigError, match="no run summaries"):
         render_run_report(tmp_path, echo=False)
+
+
+def test_artifacts_a_run_saves_are_drawn_and_listed(tmp_path: Path):
+    """A method's artifacts (here a histogram and a map) round-trip through the run folder, get a
+    picture each, and the run report links them."""
+    import numpy as np
+
+    from xmodal.figures import load_artifacts, render_panels, save_artifacts
+    from xmodal.methods.panels import Artifact, PanelImage, PanelRow
+
+    folder = tmp_path / "runs" / "m"
+    histogram = Artifact("histogram", {"edges": np.arange(5.0), "counts": np.array([3, 1, 0, 2])}, "matching error", "px", "pairs")
+    heat = Artifact("image", {"image": np.random.default_rng(0).random((9, 9))}, "correlation map")
+    assert save_artifacts({"errors": histogram, "map": heat}, folder / "artifacts") == ["errors", "map"]
+    loaded = load_artifacts(folder / "artifacts")
+    assert loaded["errors"].kind == "histogram" and loaded["errors"].data["counts"].tolist() == [3, 1, 0, 2] and loaded["map"].title == "correlation map"
+    assert (folder / "artifacts" / "errors.png").stat().st_size > 1000 and (folder / "artifacts" / "map.png").is_file()
+    rows = [PanelRow([PanelImage("template", np.zeros((4, 4)), "gray"), PanelImage("map", np.ones((4, 4)), "heat", unit="cos")], title="pair 0")]
+    assert render_panels(rows, folder / "panels.png").stat().st_size > 1000
+    summary = {"name": "m", "method": "supervised", "metrics": {"test/iou": 0.5}, "metric": "val/iou", "report_metrics": ["test/iou"], "artifacts": ["errors", "map"]}
+    (folder / "run.json").write_text(json.dumps(summary))
+    text = render_run_report(tmp_path / "runs", echo=False).text
+    assert "Artifacts:" in text and str(folder / "artifacts" / "errors.png") in text

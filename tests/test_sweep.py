@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from xmodal.engine.sweep import _check_same_sweep, concurrent_trials, make_search, run_sweep, sweep_dir, trial_resources
-from xmodal.engine.sweep_report import load_trials, render_sweep_report, seed_groups, utilisation
-from xmodal.engine.sweep_spec import REPEAT_INDEX_KEY, SweepSpec, load_sweep
 from xmodal.errors import ConfigError
+from xmodal.report.sweeps import load_trials, render_sweep_report, seed_groups, utilisation
+from xmodal.tune.spec import REPEAT_INDEX_KEY, SweepSpec, load_sweep
+from xmodal.tune.sweep import _check_same_sweep, concurrent_trials, make_search, run_sweep, sweep_dir, trial_resources
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = REPO / "experiments" / "baselines" / "sar-buildings.yaml"
@@ -111,12 +111,12 @@ def test_conditional_parameter_exists_only_in_its_branch_and_every_draw_builds()
 def test_grid_with_seeds_enumerates_points_times_seeds():
     raw = sweep_dict(
         **{
-            "data.label_fraction": [0.25, 1.0],
+            "data.labels.fraction": [0.25, 1.0],
             "method_settings.input": ["sar", "optical"],
             "method_settings.dice_weight": {"type": "choice", "values": [0.0, 1.0], "when": {"method_settings.input": "sar"}},
         }
     )
-    raw["sweep"].update({"search": "grid", "seeds": [0, 1, 2], "seed_keys": ["train.seed", "data.label_seed"]})
+    raw["sweep"].update({"search": "grid", "seeds": [0, 1, 2], "seed_keys": ["train.seed", "data.labels.seed"]})
     spec = load_sweep(raw)
     points = spec.grid_points()
     # sar x 2 dice weights + optical (no dice weight), for each fraction.
@@ -127,7 +127,7 @@ def test_grid_with_seeds_enumerates_points_times_seeds():
     assert space["point"]["grid_search"] == points and space["seed"]["grid_search"] == [0, 1, 2]
     params, seed = spec.trial_params({"point": points[0], "seed": 2})
     config = spec.build_trial(params, seed, "t")
-    assert config.train.seed == 2 and config.data.label_seed == 2
+    assert config.train.seed == 2 and config.data.labels.seed == 2
 
 
 def test_repeated_seeds_with_optuna_map_trial_index_to_seed():
@@ -195,7 +195,7 @@ def test_searcher_state_survives_a_restore(tmp_path: Path):
 
 def fabricate_sweep(folder: Path) -> SweepSpec:
     """A label-fraction x seeds sweep folder as Tune and ``run_sweep`` leave it (no Ray needed)."""
-    raw = sweep_dict(**{"data.label_fraction": [0.25, 1.0]})
+    raw = sweep_dict(**{"data.labels.fraction": [0.25, 1.0]})
     raw["sweep"].update({"search": "grid", "seeds": [0, 1], "storage": str(folder.parent), "max_concurrent_trials": 2})
     raw["name"] = folder.name
     spec = load_sweep(raw)
@@ -206,7 +206,7 @@ def fabricate_sweep(folder: Path) -> SweepSpec:
     for i, (fraction, seed) in enumerate([(0.25, 0), (0.25, 1), (1.0, 0), (1.0, 1), (1.0, 2)]):
         trial_dir = folder / f"trial-t{i}"
         trial_dir.mkdir()
-        (trial_dir / "params.json").write_text(json.dumps({"point": {"data.label_fraction": fraction}, "seed": seed}))
+        (trial_dir / "params.json").write_text(json.dumps({"point": {"data.labels.fraction": fraction}, "seed": seed}))
         rows = []
         clock = start + 50 * (i // 2)  # two trials at a time, 50 s each (trial 4 alone)
         for epoch in (1, 2):
@@ -231,19 +231,24 @@ def test_report_of_a_label_fraction_sweep(tmp_path: Path):
     # Busy: 4 trials x 50 s + 40 s (errored one) over 2 slots x 140 s of wall time.
     assert usage["wall_seconds"] == pytest.approx(140.0)
     assert usage["busy_share"] == pytest.approx(240.0 / 280.0)
-    groups = {g["params"]["data.label_fraction"]: g for g in seed_groups(trials, "val/iou")}
-    assert groups[1.0]["n"] == 2 and groups[1.0]["mean"] == pytest.approx(0.405) and groups[1.0]["std"] > 0
+    groups = {g["params"]["data.labels.fraction"]: g for g in seed_groups(trials, "val/iou")}
+    # Seeds 0 and 1 at fraction 1.0: val/iou 0.40 and 0.41 -> mean 0.405, s.e. = std / sqrt(2) = 0.005.
+    assert groups[1.0]["n"] == 2 and groups[1.0]["mean"] == pytest.approx(0.405)
+    assert groups[1.0]["se"] == pytest.approx(0.005) and groups[1.0]["std"] == pytest.approx(0.005 * 2**0.5)
+    assert groups[1.0]["test_mean"] == pytest.approx(0.3) and groups[0.25]["test_mean"] == pytest.approx(0.075)
 
     files = render_sweep_report(folder)
     names = {p.name for p in files}
-    assert {"report.md", "trials.csv", "best.yaml", "learning_curves.png", "label_fraction.png", "metric_vs_data.label_fraction.png"} <= names
+    assert {"report.md", "trials.csv", "best.yaml", "learning_curves.png", "metric_vs_data.labels.fraction.png"} <= names
     assert all(p.stat().st_size > 0 for p in files)
     report = (folder / "report" / "report.md").read_text()
-    assert "## Best configuration" in report and "## Configurations over seeds" in report and "busy 86%" in report
+    assert "## Best configuration" in report and "busy 86%" in report
+    assert "## Configurations over seeds (mean +- standard error, n seeds)" in report
+    assert "| 1 | 2 | 0.4050 +- 0.0050 | 0.3000 +- 0.0000 |" in report
     rows = list(csv.DictReader((folder / "report" / "trials.csv").open()))
     assert len(rows) == 5 and {r["state"] for r in rows} == {"TERMINATED", "ERROR"}
     best = (folder / "report" / "best.yaml").read_text()
-    assert "label_fraction: 1.0" in best and "seed: 1" in best
+    assert "fraction: 1.0" in best and "seed: 1" in best
 
 
 def test_a_resumed_trial_keeps_the_epochs_it_reported_before_the_interruption(tmp_path: Path):
@@ -266,7 +271,7 @@ def test_report_of_a_remote_sweep_folder_copies_only_small_files(tmp_path: Path)
     uri = f"file://{folder}"  # any pyarrow filesystem: s3://, gs://, file://
     assert len(load_trials(uri)) == 5
     files = render_sweep_report(uri, tmp_path / "out")
-    assert files[0] == tmp_path / "out" / "report.md" and (tmp_path / "out" / "label_fraction.png").is_file()
+    assert files[0] == tmp_path / "out" / "report.md" and (tmp_path / "out" / "metric_vs_data.labels.fraction.png").is_file()
     assert not list((tmp_path / "out").rglob("state.pt")), "checkpoints stay remote"
 
 
@@ -301,7 +306,7 @@ def test_local_sweep_starts_ray_with_its_own_dashboard_on_loopback(monkeypatch):
     path runs in tests/test_cluster.py and in `xmodal sweep`.)"""
     import ray
 
-    from xmodal.engine import sweep as sweep_module
+    from xmodal.tune import sweep as sweep_module
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -323,3 +328,72 @@ def test_local_sweep_starts_ray_with_its_own_dashboard_on_loopback(monkeypatch):
         sweep_module.start_ray(spec, base, {"CPU": 2.0})
     fifo = load_sweep(REPO / "experiments" / "sweeps" / "smoke.yaml", ["sweep.scheduler=fifo"])
     assert sweep_module.start_ray(fifo, base, {"CPU": 2.0}) is False
+
+
+# ----------------------------------------------------------------------------- chain sweeps
+
+
+def chain_sweep_dict(root: Path, storage: Path) -> dict:
+    """pretrain (optical, seed pinned: shared by every trial) -> finetune (SAR, from the pretrained
+    weights), sweeping the finetuning's learning rate, 2 seeds."""
+    return {
+        "name": "chain",
+        "method": "supervised",
+        "method_settings": {"input": "optical"},
+        "data": {"root": str(root), "tile_size": 64, "batch_size": 4},
+        "model": {"arch": "unet", "encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 8]},
+        "train": {"epochs": 1, "lr": 0.003},
+        "run": {"panels": 0},
+        "phases": [
+            {"name": "pretrain", "overrides": {"train": {"seed": 0}}},
+            {"name": "finetune", "inputs": {"start": "pretrain"}, "overrides": {"method_settings": {"input": "sar", "init": "start"}}},
+        ],
+        "sweep": {"search": "grid", "seeds": [0, 1], "scheduler": "fifo", "storage": str(storage),
+                  "parameters": {"phases.finetune.train.lr": [0.002]}},
+    }
+
+
+def test_chain_sweep_keys_address_a_phase_after_its_own_overrides(tmp_path: Path):
+    raw = chain_sweep_dict(tmp_path / "world", tmp_path)
+    raw["sweep"]["parameters"] = {"phases.finetune.train.lr": [0.001, 0.01], "phases.finetune.method_settings.input": ["sar", "both"]}
+    spec = load_sweep(raw)
+    assert spec.metric == "val/iou" and len(spec.grid_points()) == 4
+    from xmodal.engine.config import phase_config
+
+    config = spec.build_trial({"phases.finetune.train.lr": 0.01, "phases.finetune.method_settings.input": "both"}, 1, "t")
+    pretrain, finetune = (phase_config(config, p) for p in config.phases)
+    assert (finetune.train.lr, finetune.method_settings.input, finetune.method_settings.init) == (0.01, "both", "start")
+    assert (pretrain.train.lr, pretrain.method_settings.input, pretrain.train.seed, finetune.train.seed) == (0.003, "optical", 0, 1)
+    for key, message in (("phases.finetuning.train.lr", "has no phase 'finetuning'"), ("phases.finetune.inputs.start", "not a config key")):
+        raw["sweep"]["parameters"] = {key: [0.1]}
+        with pytest.raises(ConfigError, match=message):
+            load_sweep(raw)
+
+
+@pytest.mark.ray
+def test_a_chain_sweep_runs_end_to_end_sharing_its_pretraining(tiny_world: Path, tmp_path: Path):
+    """`xmodal sweep` in its own process over a two-phase chain with a per-phase swept key and 2
+    seeds: every trial runs the chain, the pretraining both trials share runs once, trials report the
+    finetuning's tested checkpoint, and the report shows mean +- s.e. over the seeds."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "chain.yaml"
+    config.write_text(yaml.safe_dump(chain_sweep_dict(tiny_world, tmp_path / "sweeps")))
+    done = subprocess.run([sys.executable, "-m", "xmodal.cli.main", "sweep", str(config)], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    folder = tmp_path / "sweeps" / "chain"
+    trials = load_trials(folder)
+    assert len(trials) == 2 and {t["state"] for t in trials} == {"TERMINATED"} and {t["seed"] for t in trials} == {0, 1}
+    shared = [json.loads(t["final"]["phase_runs"])["pretrain"] for t in trials]
+    assert shared[0] == shared[1] and shared[0].startswith("shared/pretrain-")
+    assert len(list((folder / "results" / "shared").glob("pretrain-*/run.json"))) == 1, "the shared pretraining ran once"
+    assert "reuses shared/pretrain-" in done.stdout + done.stderr
+    for trial in trials:
+        summary = json.loads((Path(trial["final"]["results_dir"]) / "run.json").read_text())
+        assert summary["inputs"]["start"]["run"] == shared[0] and summary["checkpoint"] == trial["final"]["checkpoint_path"]
+        assert summary["train"]["lr"] == 0.002 and summary["train"]["seed"] == trial["seed"]
+    report = (folder / "report" / "report.md").read_text()
+    assert "| 0.002 | 2 |" in report and " +- " in report

@@ -2,7 +2,7 @@
 
 Everything runs on a local Ray (Ray Data streams the tiles into Ray Train workers) and fits in
 under 10 minutes on 2 CPU cores. The output folder holds the world, each run's checkpoints,
-metrics.json and evaluation panel, and ``summary.json`` with the table printed at the end.
+run.json and evaluation panel, and ``summary.json`` with the table printed at the end.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ def _key_values(items: list[str]) -> dict[str, Any]:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
-    from xmodal.data.build import synthesize
+    from xmodal.data.synth import synthesize
 
     world = _key_values(args.set)
     for key in ("seed", "regions", "scenes_per_region", "tile_size", "optical_bands"):
@@ -104,18 +104,24 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from xmodal.engine.config import load_config
-    from xmodal.engine.runner import run_experiment
 
     config = load_config(args.config, args.overrides)
-    results = run_experiment(config, only_phases=args.phase or None)
+    if args.plain:
+        from xmodal.engine.plain import run_plain
+
+        results = run_plain(config, only_phases=args.phase or None, device=args.device)
+    else:
+        from xmodal.engine.runner import run_experiment
+
+        results = run_experiment(config, only_phases=args.phase or None)
     for result in results:
         shown = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k.startswith("test/") and isinstance(v, float))
         print(f"{result.name}: {shown}\n  results: {result.results_dir}\n  checkpoint: {result.checkpoint}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from xmodal.engine.sweep import run_sweep
-    from xmodal.engine.sweep_report import render_sweep_report
+    from xmodal.report.sweeps import render_sweep_report
+    from xmodal.tune.sweep import run_sweep
 
     result = run_sweep(args.config, args.overrides, resume=args.resume)
     print(result.summary(), flush=True)
@@ -128,7 +134,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 def is_sweep_folder(path: Path) -> bool:
     """A Tune experiment folder written by ``xmodal sweep`` (rather than a folder of runs)."""
-    from xmodal.engine.sweep import SPEC_FILE
+    from xmodal.tune.spec import SPEC_FILE
 
     return (path / SPEC_FILE).is_file() or (path / "tuner.pkl").is_file()
 
@@ -138,12 +144,12 @@ def cmd_report(args: argparse.Namespace) -> None:
     if not path.exists() and "://" not in args.path:
         raise XmodalError(f"{path}: not found; give a run folder (run.storage[/name]) or a sweep folder")
     if "://" in args.path or is_sweep_folder(path):
-        from xmodal.engine.sweep_report import render_sweep_report
+        from xmodal.report.sweeps import render_sweep_report
 
         for written in render_sweep_report(args.path, args.out):
             print(written)
         return
-    from xmodal.engine.report import render_run_report
+    from xmodal.report.runs import render_run_report
 
     render_run_report(path, args.out)
 
@@ -155,7 +161,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from xmodal.engine import bench
+    from xmodal import bench
 
     runner: Callable[..., dict[str, Any]] = {"data": bench.bench_data, "train": bench.bench_train}[args.what]
     sizes = {k: v for k, v in (("tiles", args.tiles), ("epochs", args.epochs)) if v is not None}
@@ -228,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         train = commands.add_parser(name, help=help_text)
         train.add_argument("config")
         train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-        train.add_argument("--phase", action="append", help="run only this phase (repeatable)")
+        train.add_argument("--phase", action="append", help="run only this phase (repeatable); the phases it reads must have finished")
+        train.add_argument("--plain", action="store_true", help="train in this process without Ray (same methods, chains and results)")
+        train.add_argument("--device", default="cpu", help="with --plain: the torch device (cpu, cuda, cuda:1)")
         train.set_defaults(func=cmd_train)
 
     demo = commands.add_parser("demo", help="synthetic world + optical and SAR baselines on local Ray")

@@ -15,6 +15,10 @@ A config has these sections (all optional except ``name`` and ``method``)::
     inputs: {teacher: path/to/checkpoint_dir}
     phases: [...]                  # optional chain: each phase overrides sections of the base
 
+A phase's ``inputs`` name earlier phases (or checkpoint folders): ``{student: reconstruct}`` hands
+over the checkpoint that phase tested (best on its own validation selection), ``{student:
+{source: reconstruct, checkpoint: last}}`` its last one.
+
 ``extends: other.yaml`` (relative to the file) merges a base config under this one. Overrides on
 the command line use dotted keys: ``train.epochs=3 data.batch_size=4``.
 """
@@ -30,7 +34,9 @@ import yaml
 
 from xmodal.data.prepared import DataSettings
 from xmodal.errors import ConfigError
-from xmodal.methods.base import ModelSettings, OptimSettings, get_method
+from xmodal.methods.base import ModelSettings
+from xmodal.methods.optim import MAIN, OptimSettings
+from xmodal.methods.registry import get_method
 from xmodal.settings import from_dict, merge, set_dotted, to_dict
 
 
@@ -63,13 +69,16 @@ class RunSettings:
 
     Attributes:
         storage: Ray Train storage path (local folder, shared mount, ``s3://``, ``gs://``).
-        results: Local folder for metrics.json, panels and TensorBoard (default: ``storage``
+        results: Local folder for run.json, panels, artifacts and TensorBoard (default: ``storage``
             when it is a local path, else ``results/``).
         max_failures: Worker-group restarts from the last checkpoint before a run fails.
         keep_checkpoints: Best checkpoints kept (ranked by the method's metric on validation), besides the latest.
         eval_every: Validate every N epochs (and always after the last).
         panels: Sample rows in the evaluation PNG.
         log_every: Steps between TensorBoard points / progress lines.
+        select: Which epoch's weights are tested and handed to later phases: ``best`` (the best
+            on the method's selection metric: a labelled validation metric for supervised
+            methods, the method's own validation loss for label-free pretext phases) or ``last``.
         address: Ray cluster address (``None``: ``RAY_ADDRESS`` or a local Ray).
         dashboard: Start a local Ray with its dashboard (on 127.0.0.1). Off by default: on 2
             cores an idle dashboard slowed training steps from 0.47 to 0.71 s.
@@ -82,8 +91,40 @@ class RunSettings:
     eval_every: int = 1
     panels: int = 4
     log_every: int = 10
+    select: str = "best"
     address: str | None = None
     dashboard: bool = False
+
+    def __post_init__(self) -> None:
+        if self.select not in ("best", "last"):
+            raise ConfigError(f"run.select={self.select!r}; expected best or last")
+        if self.eval_every < 1 or self.keep_checkpoints < 1:
+            raise ConfigError("run.eval_every and run.keep_checkpoints must be >= 1")
+
+
+CHECKPOINT_CHOICES = ("tested", "last")
+
+
+@dataclass
+class InputRef:
+    """An input checkpoint named by source: an earlier phase (or a checkpoint folder / URI).
+
+    Attributes:
+        source: Phase name, or a checkpoint folder / URI.
+        checkpoint: For a phase: ``tested`` (the checkpoint it tested, best on its own selection)
+            or ``last``.
+    """
+
+    source: str
+    checkpoint: str = "tested"
+
+    def __post_init__(self) -> None:
+        if self.checkpoint not in CHECKPOINT_CHOICES:
+            raise ConfigError(f"input checkpoint={self.checkpoint!r}; expected one of {list(CHECKPOINT_CHOICES)}")
+
+    @classmethod
+    def of(cls, value: "str | InputRef") -> "InputRef":
+        return value if isinstance(value, InputRef) else cls(source=value)
 
 
 @dataclass
@@ -93,12 +134,13 @@ class PhaseSettings:
     Attributes:
         name: Phase name; its checkpoint can be handed to later phases under this name.
         overrides: Sections of the experiment this phase changes (method, method_settings, train...).
-        inputs: Checkpoints this phase reads: input name -> earlier phase name or a checkpoint path.
+        inputs: Checkpoints this phase reads: input name -> earlier phase name or checkpoint path
+            (the tested checkpoint), or ``{source: <phase>, checkpoint: tested | last}``.
     """
 
     name: str
     overrides: dict[str, Any] = field(default_factory=dict)
-    inputs: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, str | InputRef] = field(default_factory=dict)
 
 
 @dataclass
@@ -114,7 +156,7 @@ class ExperimentConfig:
     train: OptimSettings = field(default_factory=OptimSettings)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     run: RunSettings = field(default_factory=RunSettings)
-    inputs: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, str | InputRef] = field(default_factory=dict)
     phases: list[PhaseSettings] = field(default_factory=list)
     source: str = "<dict>"
 
@@ -173,11 +215,20 @@ def build_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfi
         config = from_dict(ExperimentConfig, {**raw, "method_settings": None, "source": source})
         config.method_settings = get_method(config.method).parse_settings(raw.get("method_settings"))
         if config.world is not None:
-            from xmodal.data.build import parse_world
+            from xmodal.data.synth import parse_world
 
             parse_world(config.world)
-        for phase in config.phases:
+        names = [phase.name for phase in config.phases]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"phase names repeat: {names}")
+        for index, phase in enumerate(config.phases):
+            for key, value in phase.inputs.items():
+                ref = InputRef.of(value)
+                if ref.source in names[index:]:
+                    raise ConfigError(f"phase {phase.name!r} input {key!r}: phase {ref.source!r} does not run before it")
             phase_config(config, phase)
+        if not config.phases:
+            check_declarations(config)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
     return config
@@ -199,10 +250,28 @@ def phase_config(config: ExperimentConfig, phase: PhaseSettings) -> ExperimentCo
     merged = merge(plain, overrides)
     merged["name"] = f"{config.name}/{phase.name}"
     merged["phases"] = []
+    merged["inputs"] = {**plain.get("inputs", {}), **to_dict(phase.inputs)}
     try:
         return build_config(merged, f"{config.source} phase {phase.name!r}")
     except ConfigError as exc:
         raise ConfigError(f"phase {phase.name!r}: {exc}") from exc
+
+
+def check_declarations(config: ExperimentConfig) -> None:
+    """Refuse what the configured method declares it cannot do without: optimiser sections it has
+    no optimiser for, and input checkpoints it reads that the config does not give."""
+    method = get_method(config.method)
+    declared = method.optimizer_names(config.method_settings)
+    unknown = sorted(set(config.train.optimizers) - set(declared) - {MAIN})
+    if unknown:
+        raise ConfigError(f"train.optimizers {unknown}: method {config.method!r} has optimisers {list(declared)} with these settings")
+    for name, spec in method.required_inputs(config.method_settings).items():
+        if name not in config.inputs:
+            what = f" ({spec.description})" if spec.description else ""
+            raise ConfigError(
+                f"method {config.method!r} reads input checkpoint {name!r}{what}, export {spec.export!r}; give it in "
+                f"inputs: {{{name}: <earlier phase or checkpoint folder>}} (inputs given: {sorted(config.inputs)})"
+            )
 
 
 def fingerprint(config: ExperimentConfig) -> dict[str, Any]:

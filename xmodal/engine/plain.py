@@ -1,139 +1,148 @@
-"""The engine's Ray-free pieces, and a plain PyTorch loop over the same method and transforms.
+"""The plain PyTorch engine: the same methods, data contract, chains and results in one process, no Ray.
 
-:func:`train_plain` runs a config in one process with a ``torch.utils.data.DataLoader``: the
-reference side of ``xmodal bench train``, and the way to train on a machine without Ray (a lone
-GPU box, a debugger). It keeps the weights that score best on validation and evaluates the test
-split with them, as the Ray engine does. Nothing here imports Ray.
+:func:`run_plain` runs a config (a single run or its phase chain) with ``torch.utils.data``
+loaders and the same :func:`~xmodal.engine.training.run_epochs` the Ray workers run: views,
+labelled streams, selection and testing behave alike; collectives are the identity (one worker).
+For a machine without Ray (a lone GPU box), a debugger, and the reference side of ``xmodal bench
+train``. Checkpoints go to ``<run.storage>/<name>/checkpoint_last`` (every epoch; a relaunch
+resumes from it) and ``checkpoint_tested`` (the weights tested at the end, handed to later
+phases); results to the same ``run.json`` / panels / artifacts as a Ray run. Nothing here imports Ray.
 """
 
 from __future__ import annotations
 
-import copy
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from xmodal.data.prepared import PreparedData, prepare_data
-from xmodal.data.torch_data import iterate_numpy, torch_loader
-from xmodal.engine.config import ExperimentConfig
-from xmodal.methods.base import DataSpec, Method, MethodContext, get_method
+from xmodal.data.torch_data import iterate_numpy, labelled_loader, torch_loader
+from xmodal.engine.chain import ResolvedInput, run_chain
+from xmodal.engine.config import ExperimentConfig, fingerprint
+from xmodal.engine.results import RunResult, results_dir, summarise, write_run_results
+from xmodal.engine.setup import BestTracker, build_method, metric_spec, prepare_run_data
+from xmodal.engine.storage import is_remote
+from xmodal.engine.training import LoopData, LoopState, run_epochs
+from xmodal.errors import ConfigError, DataError
+from xmodal.methods.base import Collectives, MethodContext
+from xmodal.methods.exports import save_exports
+
+STATE_FILE = "state.pt"
+LAST_DIR = "checkpoint_last"
+TESTED_DIR = "checkpoint_tested"
 
 
-def data_spec(prepared: PreparedData) -> DataSpec:
-    """The method-facing description of a prepared dataset."""
-    info = prepared.info
-    sar_mean, sar_std = prepared.stats.mean_std("sar")
-    return DataSpec(
-        sar_channels=len(info.sar_bands),
-        optical_channels=len(info.optical_bands),
-        sar_bands=tuple(info.sar_bands.names),
-        optical_bands=tuple(info.optical_bands.names),
-        num_classes=prepared.num_classes(),
-        class_names=tuple(prepared.class_names()),
-        mask_layer=prepared.settings.mask_layer,
-        ignore_index=info.ignore_index,
-        sar_mean=tuple(float(v) for v in sar_mean),
-        sar_std=tuple(float(v) for v in sar_std),
-        tile_size=prepared.settings.tile_size,
-    )
+def _save_checkpoint(folder: Path, state: dict[str, Any], exports: dict[str, Any]) -> None:
+    """Write state.pt and exports into ``folder`` atomically (a crash never leaves half a checkpoint)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    torch.save(state, scratch / STATE_FILE)
+    save_exports(exports, scratch)
+    previous = folder.with_name(folder.name + ".previous")
+    if folder.exists():
+        folder.rename(previous)
+    scratch.rename(folder)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
-def build_method(config: ExperimentConfig, spec: DataSpec) -> Method:
-    """Instantiate the configured method (after checking it can use the data)."""
-    method_cls = get_method(config.method)
-    method_cls.check_data(spec)
-    return method_cls(config.method_settings, config.model, config.train, spec)
-
-
-def ensure_data(config: ExperimentConfig) -> None:
-    """Generate the synthetic world named in ``world:`` when ``data.root`` does not exist yet."""
-    root = Path(config.data.root)
-    if root.exists() or config.world is None:
-        return
-    from xmodal.data.build import synthesize
-
-    print(f"[{config.name}] generating synthetic world in {root}", flush=True)
-    synthesize(root, config.world)
-
-
-def is_better(value: float, best: float | None, mode: str) -> bool:
-    """Whether ``value`` beats ``best`` for a metric ranked in ``mode`` (``max`` or ``min``)."""
-    return best is None or (value > best if mode == "max" else value < best)
-
-
-def cpu_copy(state: Any) -> Any:
-    """A detached CPU copy of a (nested) state dict: best weights kept off the accelerator."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {k: cpu_copy(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(cpu_copy(v) for v in state)
-    return copy.deepcopy(state)
-
-
-def _to_torch(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def train_plain(
+def run_plain_single(
     config: ExperimentConfig,
+    inputs: dict[str, ResolvedInput] | None = None,
+    *,
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Train ``config`` to the end in this process and evaluate it.
+) -> RunResult:
+    """Train one configuration in this process (resuming its ``checkpoint_last``) and test it.
 
-    Args:
-        config: A validated single-phase experiment.
-        device: Torch device to train on.
-        num_workers: DataLoader worker processes for the training split.
-        log: Where the per-epoch lines go.
-
-    Returns:
-        ``epochs``, ``metric``, ``best_epoch``, ``epoch_seconds`` (a list), and the ``val/...``
-        and ``test/...`` metrics of the best-on-validation weights.
+    Raises:
+        ConfigError: Remote storage (the plain engine writes local checkpoints).
+        DataError: Fewer training tiles than one batch.
     """
+    started = time.perf_counter()
+    if is_remote(config.run.storage):
+        raise ConfigError(f"run.storage={config.run.storage!r}: the plain engine writes local checkpoints; give a folder")
     device = torch.device(device)
-    ensure_data(config)
-    prepared = prepare_data(config.data)
+    inputs = inputs or {}
+    prepared, spec, needs = prepare_run_data(config)
     loader = torch_loader(prepared, "train", num_workers=num_workers)
-    spec = data_spec(prepared)
+    if len(loader) == 0:
+        raise DataError(f"{spec.train_tiles} training tiles give fewer than one batch of {config.data.batch_size}; lower data.batch_size")
+    labelled = labelled_loader(prepared, num_workers=num_workers) if "labelled" in needs.streams else None
     method = build_method(config, spec)
-    steps = len(loader)
-    method.setup(MethodContext(device=device, rank=0, world_size=1, prepare_module=lambda m, **_: m.to(device), steps_per_epoch=steps))
-    metric, mode = type(method).metric_for(config.method_settings, spec), type(method).metric_mode
-    has_val = bool(prepared.records("val"))
-    best: tuple[float, int, dict[str, Any], dict[str, float]] | None = None
-    epoch_seconds = []
-    step = 0
-    for epoch in range(config.train.epochs):
-        started = time.perf_counter()
-        totals: dict[str, float] = {}
-        for batch in loader:
-            for key, value in method.train_step(_to_torch(batch, device), step).items():
-                totals[key] = totals.get(key, 0.0) + value
-            step += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        epoch_seconds.append(time.perf_counter() - started)
-        method.end_epoch(epoch)
-        line = f"epoch {epoch + 1}/{config.train.epochs}  loss {totals.get('loss', float('nan')) / max(len(loader), 1):.4f}  {epoch_seconds[-1]:.1f} s"
-        if has_val:
-            val = method.evaluate(_to_torch(b, device) for b in iterate_numpy(prepared, "val")).metrics
-            score = val[metric.split("/", 1)[1]]
-            if is_better(score, None if best is None else best[0], mode):
-                best = (score, epoch + 1, cpu_copy(method.state_dict()), val)
-            line += f"  {metric} {score:.4f}"
-        log(f"[{config.name}] {line}")
-    outcome: dict[str, Any] = {"epochs": config.train.epochs, "metric": metric, "epoch_seconds": epoch_seconds, "best_epoch": config.train.epochs}
-    if best is not None:
-        outcome["best_epoch"] = best[1]
-        outcome.update({f"val/{k}": v for k, v in best[3].items()})
-        method.load_state_dict(best[2])
-    if prepared.records("test"):
-        test = method.evaluate(_to_torch(b, device) for b in iterate_numpy(prepared, "test")).metrics
-        outcome.update({f"test/{k}": v for k, v in test.items()})
-    return outcome
+    method.setup(
+        MethodContext(
+            device=device, steps_per_epoch=len(loader), epochs=config.train.epochs,
+            inputs={name: Path(ref.location) for name, ref in inputs.items()}, log=lambda line: log(f"[{config.name}] {line}"),
+        )
+    )
+    folder = Path(config.run.storage).expanduser().resolve() / config.name
+    state = LoopState(tracker=BestTracker(metric_spec(config, spec), config.run.select))
+    plan_fingerprint = fingerprint(config)
+    if (folder / LAST_DIR / STATE_FILE).is_file():
+        saved = torch.load(folder / LAST_DIR / STATE_FILE, map_location=device, weights_only=False)
+        if saved["fingerprint"] != plan_fingerprint:
+            raise ConfigError(f"run {config.name!r} already exists in {folder} with another method, model or data; choose another name")
+        method.load_state_dict(saved["method"])
+        state.start_epoch, state.global_step = saved["epoch"] + 1, saved["global_step"]
+        state.tracker.restore(saved.get("best"))
+        log(f"[{config.name}] resumed from epoch {saved['epoch'] + 1} checkpoint")
+
+    def on_epoch(epoch: int, metrics: dict[str, Any], tracker: BestTracker) -> None:
+        record = {"method": method.state_dict(), "epoch": epoch, "global_step": metrics["step"], "fingerprint": plan_fingerprint, "metrics": metrics, "best": tracker.record}
+        _save_checkpoint(folder / LAST_DIR, record, method.exports())
+        if tracker.epoch == epoch + 1:
+            _save_checkpoint(folder / TESTED_DIR, record, method.exports())
+
+    def restore(epoch: int) -> dict[str, Any] | None:
+        path = folder / TESTED_DIR / STATE_FILE
+        if path.is_file():
+            saved = torch.load(path, map_location=device, weights_only=False)
+            if saved["epoch"] + 1 == epoch:
+                return saved["method"]
+        return None
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = results_dir(config)
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=state.global_step or None)
+    data = LoopData(
+        train=lambda: loader,
+        labelled=(lambda: labelled) if labelled is not None else None,
+        evaluation=lambda split: iterate_numpy(prepared, split),
+        splits=tuple(s for s in ("val", "test") if prepared.records(s)),
+        batch_size=config.data.batch_size,
+    )
+    try:
+        outcome = run_epochs(
+            method, config, data, state, device=device, collectives=Collectives(), on_epoch=on_epoch,
+            restore_weights=restore, log=lambda line: log(f"[{config.name}] {line}"), writer=writer,
+        )
+    finally:
+        writer.close()
+    if outcome["tested_epoch"] == config.train.epochs or not (folder / TESTED_DIR).is_dir():
+        shutil.rmtree(folder / TESTED_DIR, ignore_errors=True)
+        shutil.copytree(folder / LAST_DIR, folder / TESTED_DIR)
+    summary = summarise(
+        config, outcome, spec=spec, checkpoint=str(folder / TESTED_DIR), last_checkpoint=str(folder / LAST_DIR),
+        seconds=time.perf_counter() - started, inputs={name: ref.record() for name, ref in inputs.items()}, engine="plain",
+    )
+    write_run_results(out, summary, outcome, title=config.name)
+    return RunResult(config.name, summary["metrics"], summary["checkpoint"], str(out), summary["last_checkpoint"], summary)
+
+
+def run_plain(
+    config: ExperimentConfig,
+    only_phases: list[str] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    log: Callable[[str], None] = print,
+) -> list[RunResult]:
+    """Run a config in this process: a single run, or its phases in order, as the Ray engine would."""
+    torch.set_num_threads(config.scaling.torch_threads or os.cpu_count() or 1)
+    return run_chain(config, lambda phase, inputs: run_plain_single(phase, inputs, device=device, num_workers=num_workers, log=log), only_phases)

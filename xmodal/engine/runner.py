@@ -1,16 +1,16 @@
 """Running an experiment on Ray Train: data checks, trainer construction, phases, results.
 
-``run_experiment`` is what ``xmodal train`` and ``xmodal run`` call. A config with ``phases``
-runs them in order; each phase's latest checkpoint is handed to later phases by name, through
-the run's storage, and any phase input can instead be an existing checkpoint folder.
+``run_experiment`` is what ``xmodal train`` and ``xmodal run`` call. A config with ``phases`` runs
+them in order (:mod:`xmodal.engine.chain`); each phase's tested checkpoint is handed to later phases
+by name, through the run's storage, and any phase input can instead be an existing checkpoint folder.
+Everything a run can be refused for (data, method needs, inputs, batch size) is checked here, in
+the driver, before any worker starts.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +19,17 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from xmodal.data.pipeline import build_datasets
-from xmodal.data.prepared import PreparedData, prepare_data
-from xmodal.engine.config import ExperimentConfig, fingerprint, phase_config
-from xmodal.engine.loop import SELECTION_KEY, STATE_FILE, WorkerPlan, train_loop_per_worker
-from xmodal.engine.plain import data_spec, ensure_data
+from xmodal.data.pipeline import LABELLED_STREAM, TRAIN, build_datasets
+from xmodal.data.prepared import PreparedData
+from xmodal.engine.chain import ResolvedInput, run_chain
+from xmodal.engine.config import ExperimentConfig, fingerprint
+from xmodal.engine.loop import STATE_FILE, WorkerPlan, train_loop_per_worker
+from xmodal.engine.results import RunResult, results_dir, storage_path, summarise, write_run_results
 from xmodal.engine.session import connect
+from xmodal.engine.setup import BestTracker, metric_spec, prepare_run_data
+from xmodal.engine.storage import is_remote
+from xmodal.engine.training import SELECTION_KEY
 from xmodal.errors import ConfigError, XmodalError
-from xmodal.methods.base import get_method
-from xmodal.methods.evaluation import render_panels
-from xmodal.settings import to_dict
-
-SUMMARY_FILE = "metrics.json"
 
 
 class RunFailedError(XmodalError):
@@ -43,38 +42,6 @@ def root_cause(exc: BaseException) -> str:
         exc = exc.__cause__
     text = str(exc).strip().splitlines()
     return text[-1] if text else type(exc).__name__
-PANELS_FILE = "panels_test.png"
-
-
-@dataclass
-class RunResult:
-    """What one training run produced."""
-
-    name: str
-    metrics: dict[str, float]
-    checkpoint: str | None
-    results_dir: str
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path
-
-
-def storage_path(config: ExperimentConfig) -> str:
-    storage = config.run.storage
-    return storage if is_remote(storage) else str(Path(storage).expanduser().resolve())
-
-
-def results_dir(config: ExperimentConfig) -> Path:
-    """Local folder for metrics.json, panels and TensorBoard of this run."""
-    if config.run.results:
-        base = Path(config.run.results)
-    elif not is_remote(config.run.storage):
-        base = Path(config.run.storage)
-    else:
-        base = Path("results")
-    return (base / config.name).expanduser().resolve()
 
 
 def ensure_ray(config: ExperimentConfig) -> None:
@@ -85,22 +52,20 @@ def ensure_ray(config: ExperimentConfig) -> None:
 
 
 def plan_run(config: ExperimentConfig, inputs: dict[str, Any] | None = None) -> tuple[WorkerPlan, PreparedData]:
-    """Check the data and build the plan every worker receives."""
-    ensure_data(config)
-    prepared = prepare_data(config.data)
-    splits = tuple(s for s in ("train", "val", "test") if prepared.records(s))
-    out = results_dir(config)
+    """Check the data against the method's needs and build the plan every worker receives."""
+    prepared, spec, needs = prepare_run_data(config)
+    splits = tuple(s for s in (TRAIN, "val", "test") if prepared.records(s))
     plan = WorkerPlan(
         config=config,
         prepared=prepared,
-        spec=data_spec(prepared),
-        train_tiles=len(prepared.records("train")),
+        spec=spec,
+        needs=needs,
+        train_tiles=len(prepared.records(TRAIN)),
         splits=splits,
-        results_dir=str(out),
+        results_dir=str(results_dir(config)),
         fingerprint=fingerprint(config),
         inputs=dict(inputs or {}),
     )
-    get_method(config.method).check_data(plan.spec)
     plan.steps_per_epoch(config.scaling.num_workers)
     return plan, prepared
 
@@ -124,53 +89,27 @@ def make_trainer(
     storage = storage_path(config)
     if parents:
         storage = storage.rstrip("/") + "/" + "/".join(parents)
+    if datasets is None:
+        datasets = build_datasets(prepared, plan.splits, world_size=scaling.num_workers, streams=plan.needs.streams)
+    plan.datasets = tuple(datasets)
+    tracker = BestTracker(metric_spec(config, plan.spec), config.run.select)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": plan},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
-        ),
-        datasets=datasets if datasets is not None else build_datasets(prepared, plan.splits),
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[name for name in (TRAIN, LABELLED_STREAM) if name in datasets]),
         run_config=ray.train.RunConfig(
             name=leaf,
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
             # Ray keeps the best-scoring checkpoints and always the latest (resume starts there).
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=config.run.keep_checkpoints,
-                checkpoint_score_attribute=SELECTION_KEY,
-                checkpoint_score_order=get_method(config.method).metric_mode,
+                num_to_keep=config.run.keep_checkpoints, checkpoint_score_attribute=SELECTION_KEY, checkpoint_score_order=tracker.mode,
             ),
             callbacks=callbacks or [],
         ),
     )
-
-
-def summarise(
-    config: ExperimentConfig,
-    outcome: dict[str, Any],
-    checkpoint: str | None,
-    seconds: float,
-    inputs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The metrics.json of a run: what ran, on what, from which checkpoints, and what it scored."""
-    metrics = {f"{split}/{k}": v for split in ("val", "test") for k, v in (outcome.get(split) or {}).items()}
-    return {
-        "name": config.name,
-        "method": config.method,
-        "method_settings": to_dict(config.method_settings),
-        "model": to_dict(config.model),
-        "data": {"root": config.data.root, "mask_layer": config.data.mask_layer, "label_fraction": config.data.label_fraction},
-        "epochs": outcome.get("epochs"),
-        "metric": outcome.get("metric"),
-        "tested_epoch": outcome.get("tested_epoch"),
-        "metrics": metrics,
-        "per_class": {split: outcome.get(f"{split}_per_class", {}) for split in ("val", "test")},
-        "checkpoint": checkpoint,
-        "inputs": {name: str(getattr(value, "path", value)) for name, value in (inputs or {}).items()},
-        "wall_seconds": round(seconds, 1),
-    }
 
 
 def run_folder(config: ExperimentConfig) -> Path | None:
@@ -200,7 +139,16 @@ def check_resumable(config: ExperimentConfig) -> None:
         )
 
 
-def run_single(config: ExperimentConfig, inputs: dict[str, Any] | None = None, callbacks: list[Any] | None = None) -> RunResult:
+def _checkpoint_of_epoch(result: Any, epoch: int | None) -> str | None:
+    """The kept checkpoint reported after ``epoch``: the one that was tested."""
+    for checkpoint, metrics in getattr(result, "best_checkpoints", None) or []:
+        if metrics.get("epoch") == epoch:
+            return checkpoint.path
+    latest = result.checkpoint
+    return latest.path if latest is not None and epoch == (result.metrics or {}).get("epoch") else None
+
+
+def run_single(config: ExperimentConfig, inputs: dict[str, ResolvedInput] | None = None, callbacks: list[Any] | None = None) -> RunResult:
     """Train one configuration to the end (resuming it if a run of that name exists).
 
     Raises:
@@ -208,55 +156,25 @@ def run_single(config: ExperimentConfig, inputs: dict[str, Any] | None = None, c
             carries the workers' error, and finished checkpoints stay where they are.
     """
     started = time.perf_counter()
+    inputs = inputs or {}
     check_resumable(config)
+    plan, prepared = plan_run(config, {name: ray.train.Checkpoint(ref.location) for name, ref in inputs.items()})
     ensure_ray(config)
-    plan, prepared = plan_run(config, inputs)
     try:
         result = make_trainer(config, plan, prepared, callbacks).fit()
     except ray.train.TrainingFailedError as exc:
         raise RunFailedError(f"run {config.name!r} failed: {root_cause(exc)}; checkpoints so far are kept in {run_folder(config) or config.run.storage}") from exc
     outcome = result.return_value or {}
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    summary = summarise(config, outcome, checkpoint, time.perf_counter() - started, inputs)
-    out = Path(plan.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    if outcome.get("panels"):
-        render_panels(outcome["panels"], out / PANELS_FILE, max(plan.spec.num_classes, 2), title=config.name)
-    return RunResult(name=config.name, metrics=summary["metrics"], checkpoint=checkpoint, results_dir=str(out), summary=summary)
-
-
-def resolve_input(value: str, finished: dict[str, RunResult], where: str) -> ray.train.Checkpoint:
-    """An input given as an earlier phase's name or as a checkpoint folder/URI."""
-    if value in finished:
-        checkpoint = finished[value].checkpoint
-        if checkpoint is None:
-            raise ConfigError(f"{where}: phase {value!r} finished without a checkpoint")
-        return ray.train.Checkpoint(checkpoint)
-    if not is_remote(value) and not Path(value).is_dir():
-        raise ConfigError(f"{where}: {value!r} is neither an earlier phase ({sorted(finished)}) nor a checkpoint folder")
-    return ray.train.Checkpoint(value)
+    last = result.checkpoint.path if result.checkpoint is not None else None
+    tested = _checkpoint_of_epoch(result, outcome.get("tested_epoch")) or last
+    summary = summarise(
+        config, outcome, spec=plan.spec, checkpoint=tested, last_checkpoint=last, seconds=time.perf_counter() - started,
+        inputs={name: ref.record() for name, ref in inputs.items()},
+    )
+    write_run_results(plan.results_dir, summary, outcome, title=config.name)
+    return RunResult(name=config.name, metrics=summary["metrics"], checkpoint=tested, last_checkpoint=last, results_dir=plan.results_dir, summary=summary)
 
 
 def run_experiment(config: ExperimentConfig, only_phases: list[str] | None = None) -> list[RunResult]:
-    """Run a config: a single run, or its phases in order.
-
-    Args:
-        config: A validated experiment.
-        only_phases: Run just these phases (their inputs must then be checkpoint paths or
-            phases that ran before in this call).
-    """
-    base_inputs = {k: resolve_input(v, {}, f"inputs.{k}") for k, v in config.inputs.items()}
-    if not config.phases:
-        return [run_single(config, base_inputs)]
-    finished: dict[str, RunResult] = {}
-    results = []
-    for phase in config.phases:
-        if only_phases and phase.name not in only_phases:
-            continue
-        inputs = dict(base_inputs)
-        inputs.update({k: resolve_input(v, finished, f"phase {phase.name!r} input {k!r}") for k, v in phase.inputs.items()})
-        result = run_single(phase_config(config, phase), inputs)
-        finished[phase.name] = result
-        results.append(result)
-    return results
+    """Run a config on Ray Train: a single run, or its phases in order (see :func:`~xmodal.engine.chain.run_chain`)."""
+    return run_chain(config, lambda phase, inputs: run_single(phase, inputs), only_phases)

@@ -5,11 +5,15 @@ its experiment state and the sweep's ``sweep.json``), so it works on a finished,
 still-running sweep, offline, without Ray. Writes into ``SWEEP_DIR/report/``:
 
 * ``trials.csv`` and ``report.md``: one row per trial (swept values, seed, state, metrics,
-  epochs, time, error); the best configuration; mean +- std over seeds per configuration.
+  epochs, time, error); the best configuration; mean +- standard error (and n) over seeds per
+  configuration, for the ranking metric and its test counterpart.
 * ``best.yaml``: the best trial's full experiment config (``xmodal train best.yaml`` reruns it).
-* ``metric_vs_<key>.png``: the metric against each swept parameter.
+* ``metric_vs_<key>.png``: for every swept parameter, the ranking metric and its test counterpart
+  against it, one series per combination of the other parameters, mean +- s.e. over seeds with
+  each trial's value behind.
 * ``learning_curves.png``: the metric (and training loss) per epoch of every trial.
-* ``label_fraction.png``: for supervision-fraction sweeps, metric against fraction, spread over seeds.
+* ``artifact_<name>.png``: a histogram artifact the runs saved (e.g. matching errors), one curve per
+  configuration, summed over its seeds.
 """
 
 from __future__ import annotations
@@ -22,16 +26,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
-from xmodal.engine.sweep_spec import SweepSpec, split_trial_config
 from xmodal.errors import ConfigError
+from xmodal.report.stats import mean_and_error
+from xmodal.tune.spec import FINAL_KEY, RUN_FILE, SPEC_FILE, SweepSpec, split_trial_config
 
-SPEC_FILE = "sweep.json"
-RUN_FILE = "sweep_run.json"
-FINAL_KEY = "sweep/final"  # marks a trial's last row: its test metrics after training
 REPORT_DIR = "report"
-LABEL_FRACTION_KEY = "data.label_fraction"
 # Tune trial states shown as they are; trials with neither a final report nor an error were
 # stopped early (ASHA) when the sweep finished, or are unfinished when it was interrupted.
 DONE_STATES = ("TERMINATED", "STOPPED", "ERROR")
@@ -262,22 +264,28 @@ def best_trial(trials: list[dict[str, Any]], metric: str, mode: str) -> dict[str
 
 
 def seed_groups(trials: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """Finished trials grouped by configuration: mean, std and count over seeds."""
+    """Finished trials grouped by configuration: mean, std, standard error and count over seeds,
+    of ``metric`` and (``test_*``) of its test counterpart."""
     groups: dict[str, dict[str, Any]] = {}
+    test_metric = metric.replace("val/", "test/", 1)
     for trial in trials:
         value = final_value(trial, metric)
         if trial["state"] != "TERMINATED" or value is None:
             continue
         key = json.dumps(trial["params"], sort_keys=True, default=str)
-        group = groups.setdefault(key, {"params": trial["params"], "values": [], "seeds": []})
+        group = groups.setdefault(key, {"params": trial["params"], "values": [], "seeds": [], "tests": []})
         group["values"].append(value)
         group["seeds"].append(trial["seed"])
+        test = (trial["final"] or {}).get(test_metric)
+        if isinstance(test, (int, float)) and test_metric != metric:
+            group["tests"].append(float(test))
     out = []
     for group in groups.values():
-        values = group["values"]
-        mean = sum(values) / len(values)
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-        out.append({**group, "mean": mean, "std": std, "n": len(values)})
+        mean, std, se = mean_and_error(group["values"])
+        entry = {**group, "mean": mean, "std": std, "se": se, "n": len(group["values"])}
+        if group["tests"]:
+            entry["test_mean"], entry["test_std"], entry["test_se"] = mean_and_error(group["tests"])
+        out.append(entry)
     return out
 
 
@@ -310,14 +318,17 @@ def _table(trials: list[dict[str, Any]], keys: list[str], metric: str) -> tuple[
     return header, rows
 
 
-def _is_log(spec: SweepSpec | None, key: str) -> bool:
-    if spec is None:
-        return False
-    try:
-        param = spec.parameter(key)
-    except KeyError:
-        return key == LABEL_FRACTION_KEY
-    return param.type == "loguniform" or (param.type == "int" and param.log)
+def _is_log(spec: SweepSpec | None, key: str, values: list[float]) -> bool:
+    """Log x axis: log-scaled parameters, and positive values spanning more than a decade."""
+    if spec is not None:
+        try:
+            param = spec.parameter(key)
+            if param.type == "loguniform" or (param.type == "int" and param.log):
+                return True
+        except KeyError:
+            pass
+    positive = [v for v in values if v > 0]
+    return len(positive) == len(values) and len(values) > 1 and max(positive) / min(positive) > 10
 
 
 def render_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) -> list[Path]:
@@ -405,9 +416,16 @@ def render_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) ->
         lines.append("")
     groups = seed_groups(trials, metric)
     if any(g["n"] > 1 for g in groups):
-        lines += ["## Configurations over seeds", "", f"| {' | '.join(keys)} | n | {metric} mean | std |", "|" + "---|" * (len(keys) + 3)]
+        test_metric = metric.replace("val/", "test/", 1)
+        has_test = any("test_mean" in g for g in groups)
+        extra = f" {test_metric} mean +- s.e. |" if has_test else ""
+        lines += [
+            "## Configurations over seeds (mean +- standard error, n seeds)", "",
+            f"| {' | '.join(keys)} | n | {metric} mean +- s.e. |{extra}", "|" + "---|" * (len(keys) + 2 + has_test),
+        ]
         for g in sorted(groups, key=lambda g: g["mean"], reverse=mode == "max"):
-            lines.append(f"| {' | '.join(_fmt(g['params'].get(k)) for k in keys)} | {g['n']} | {g['mean']:.4f} | {g['std']:.4f} |")
+            test = f" {g['test_mean']:.4f} +- {g['test_se']:.4f} |" if "test_mean" in g else (" |" if has_test else "")
+            lines.append(f"| {' | '.join(_fmt(g['params'].get(k)) for k in keys)} | {g['n']} | {g['mean']:.4f} +- {g['se']:.4f} |{test}")
         lines.append("")
     # The Markdown table keeps the ranking metric and its test counterpart; trials.csv has every metric.
     test_metric = metric.replace("val/", "test/")
@@ -426,7 +444,7 @@ def render_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) ->
     study = folder / "optuna.db"
     if study.is_file():
         lines.append(f"- Optuna dashboard: `optuna-dashboard sqlite:///{study}` (pip install optuna-dashboard)")
-    lines.append(f"- Per-trial metrics.json and test panels: `{folder / 'results'}/trial-<id>/`")
+    lines.append(f"- Per-trial run.json, test panels and artifacts: `{folder / 'results'}/trial-<id>/`")
     md_path = out_dir / "report.md"
     md_path.write_text("\n".join(lines) + "\n")
     files += [md_path, csv_path] + ([best_yaml] if best_yaml else []) + figures
@@ -465,44 +483,114 @@ def session_utilisation(trials: list[dict[str, Any]], slots: int, sessions: list
     }
 
 
-def _figures(plt: Any, trials: list[dict[str, Any]], spec: SweepSpec | None, keys: list[str], metric: str, out_dir: Path) -> list[Path]:
-    files = []
-    colours = {"TERMINATED": "tab:blue", "STOPPED": "tab:orange", "ERROR": "tab:red"}
-    for key in keys:
-        points = [(t["params"][key], final_value(t, metric), t["state"]) for t in trials if key in t["params"] and final_value(t, metric) is not None]
-        if not points:
+def _x_positions(spec: SweepSpec | None, key: str, values: list[Any]) -> tuple[list[float], list[str] | None]:
+    """Numeric x of swept values: the values themselves, or the index of a named choice."""
+    if spec is not None:
+        try:
+            param = spec.parameter(key)
+        except KeyError:
+            param = None
+        if param is not None and param.type == "choice":
+            resolved = [param.value(v) for v in values]
+            if all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in resolved):
+                return [float(r) for r in resolved], None
+            names = [str(n) for n in param.choices]
+            return [float(names.index(str(v))) if str(v) in names else 0.0 for v in values], names
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return [float(v) for v in values], None
+    names = sorted({str(v) for v in values})
+    return [float(names.index(str(v))) for v in values], names
+
+
+def _series_label(params: dict[str, Any], others: list[str]) -> str:
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(params.get(k))}" for k in others if k in params)
+
+
+def _metric_vs_key(plt: Any, trials: list[dict[str, Any]], spec: SweepSpec | None, keys: list[str], key: str, metric: str, out_dir: Path) -> Path | None:
+    """The metric (and its test counterpart) against one swept key: a series per combination of
+    the other keys, mean +- s.e. over seeds, each trial's value as a dot."""
+    done = [t for t in trials if key in t["params"] and t["state"] == "TERMINATED" and final_value(t, metric) is not None]
+    others_stopped = [t for t in trials if key in t["params"] and t["state"] != "TERMINATED" and final_value(t, metric) is not None]
+    if not done and not others_stopped:
+        return None
+    test_metric = metric.replace("val/", "test/", 1)
+    others = [k for k in keys if k != key]
+    xs, names = _x_positions(spec, key, [t["params"][key] for t in done + others_stopped])
+    x_of = {id(t): x for t, x in zip(done + others_stopped, xs)}
+    panels = [(metric, lambda t: final_value(t, metric))]
+    if test_metric != metric and any(isinstance((t["final"] or {}).get(test_metric), (int, float)) for t in done):
+        panels.append((test_metric, lambda t: (t["final"] or {}).get(test_metric)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    for axis, (name, read) in zip(axes[0], panels):
+        series: dict[str, dict[float, list[float]]] = {}
+        for t in done:
+            value = read(t)
+            if isinstance(value, (int, float)):
+                series.setdefault(_series_label(t["params"], others), {}).setdefault(x_of[id(t)], []).append(float(value))
+        for label, by_x in sorted(series.items()):
+            points = sorted(by_x)
+            stats = [mean_and_error(by_x[x]) for x in points]
+            counts = [len(by_x[x]) for x in points]
+            shown = f"{label} " if label else ""
+            axis.errorbar(points, [m for m, _, _ in stats], yerr=[e for _, _, e in stats], marker="o", capsize=3,
+                          label=f"{shown}(n={min(counts)}{'' if min(counts) == max(counts) else f'-{max(counts)}'})")
+            for x in points:
+                axis.scatter([x] * len(by_x[x]), by_x[x], s=9, alpha=0.35, c="grey", zorder=0)
+        stopped = [(x_of[id(t)], read(t)) for t in others_stopped if isinstance(read(t), (int, float))]
+        if stopped:
+            axis.scatter(*zip(*stopped), marker="x", c="tab:orange", label="stopped early / failed", alpha=0.8)
+        if names is not None:
+            axis.set_xticks(range(len(names)), names)
+        elif _is_log(spec, key, [x for x in xs]):
+            axis.set_xscale("log")
+        axis.set_xlabel(key)
+        axis.set_ylabel(name)
+        axis.set_title(f"{name} against {key.rsplit('.', 1)[-1]} (mean +- s.e.)", fontsize=9)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / f"metric_vs_{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _artifact_figures(plt: Any, trials: list[dict[str, Any]], keys: list[str], out_dir: Path) -> list[Path]:
+    """Histogram artifacts of finished trials, one curve per configuration (summed over seeds)."""
+    from xmodal.figures import ARTIFACTS_DIR, load_artifacts
+
+    by_name: dict[str, dict[str, list[Any]]] = {}
+    for trial in trials:
+        folder = (trial["final"] or {}).get("results_dir")
+        if trial["state"] != "TERMINATED" or not folder or not (Path(folder) / ARTIFACTS_DIR).is_dir():
             continue
-        fig, ax = plt.subplots(figsize=(5, 3.6))
-        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _, _ in points)
-        if numeric:
-            xs = [float(x) for x, _, _ in points]
-        else:
-            names = list(spec.parameter(key).choices) if spec else sorted({str(x) for x, _, _ in points})
-            position = {str(n): i for i, n in enumerate(names)}
-            seen: dict[str, int] = {}
-            xs = []
-            for x, _, _ in points:  # spread the points of one choice a little: 0, +d, -d, +2d, ...
-                k = seen.get(str(x), 0)
-                seen[str(x)] = k + 1
-                xs.append(position.get(str(x), 0) + 0.05 * ((k + 1) // 2 % 8) * (1 if k % 2 else -1))
-            ax.set_xticks(range(len(names)), [str(n) for n in names])
-            ax.set_xlim(-0.5, len(names) - 0.5)
-        for state in colours:
-            chosen = [(x, y) for x, (_, y, s) in zip(xs, points) if s == state]
-            if chosen:
-                ax.scatter(*zip(*chosen), c=colours[state], label=state.lower(), alpha=0.8)
-        if numeric and _is_log(spec, key):
-            ax.set_xscale("log")
-        ax.set_xlabel(key)
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric} against {key}")
-        ax.legend(fontsize=8)
+        for name, artifact in load_artifacts(Path(folder) / ARTIFACTS_DIR).items():
+            if artifact.kind == "histogram":
+                label = _series_label(trial["params"], keys) or trial["trial_id"]
+                by_name.setdefault(name, {}).setdefault(label, []).append(artifact)
+    files = []
+    for name, groups in sorted(by_name.items()):
+        fig, axis = plt.subplots(figsize=(6, 3.8))
+        for label, artifacts in sorted(groups.items()):
+            edges = np.asarray(artifacts[0].data["edges"], dtype=float)
+            counts = sum(np.asarray(a.data["counts"], dtype=float) for a in artifacts if len(a.data["counts"]) == len(edges) - 1)
+            total = counts.sum()
+            axis.stairs(counts / total if total else counts, edges, label=f"{label} (n={len(artifacts)})")
+        first = next(iter(groups.values()))[0]
+        axis.set_title(first.title or name, fontsize=10)
+        axis.set_xlabel(first.xlabel)
+        axis.set_ylabel("share")
+        axis.legend(fontsize=7)
         fig.tight_layout()
-        path = out_dir / f"metric_vs_{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.png"
+        path = out_dir / f"artifact_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         files.append(path)
+    return files
 
+
+def _figures(plt: Any, trials: list[dict[str, Any]], spec: SweepSpec | None, keys: list[str], metric: str, out_dir: Path) -> list[Path]:
+    files = [path for key in keys if (path := _metric_vs_key(plt, trials, spec, keys, key, metric, out_dir)) is not None]
     curves = [t for t in trials if any(metric in r for r in t["epochs"])]
     if curves:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -528,44 +616,7 @@ def _figures(plt: Any, trials: list[dict[str, Any]], spec: SweepSpec | None, key
         fig.savefig(path, dpi=110)
         plt.close(fig)
         files.append(path)
-
-    fractions = [t for t in trials if LABEL_FRACTION_KEY in t["params"] and t["state"] == "TERMINATED"]
-    if fractions:
-        fig, ax = plt.subplots(figsize=(5, 3.6))
-        others = [k for k in keys if k != LABEL_FRACTION_KEY]
-        series: dict[str, dict[float, list[float]]] = {}
-        for t in fractions:
-            value = final_value(t, metric)
-            if value is None:
-                continue
-            group = ", ".join(f"{k}={_fmt(t['params'].get(k))}" for k in others if k in t["params"])
-            fraction = float(spec.parameter(LABEL_FRACTION_KEY).value(t["params"][LABEL_FRACTION_KEY]) if spec else t["params"][LABEL_FRACTION_KEY])
-            series.setdefault(f"{metric} {group}".strip(), {}).setdefault(fraction, []).append(value)
-            test_metric = metric.replace("val/", "test/")
-            tests = (t["final"] or {}).get(test_metric)
-            if isinstance(tests, (int, float)) and metric.startswith("val/"):
-                series.setdefault(f"{test_metric} {group}".strip(), {}).setdefault(fraction, []).append(float(tests))
-        for label, by_fraction in series.items():
-            xs = sorted(by_fraction)
-            means = [sum(by_fraction[x]) / len(by_fraction[x]) for x in xs]
-            stds = [
-                math.sqrt(sum((v - m) ** 2 for v in by_fraction[x]) / (len(by_fraction[x]) - 1)) if len(by_fraction[x]) > 1 else 0.0
-                for x, m in zip(xs, means)
-            ]
-            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
-            for x in xs:
-                ax.scatter([x] * len(by_fraction[x]), by_fraction[x], s=8, alpha=0.4, c="grey")
-        ax.set_xscale("log")
-        ax.set_xlabel("label fraction (share of labelled training tiles)")
-        ax.set_ylabel(metric.replace("val/", ""))
-        ax.set_title("metric against supervision (mean +- std over seeds)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / "label_fraction.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
-    return files
+    return files + _artifact_figures(plt, trials, keys, out_dir)
 
 
 def find_sweeps(root: str | Path) -> list[Path]:

@@ -1,11 +1,10 @@
-"""Run-directory reports: every ``metrics.json`` under a folder, laid out as a method's paper table.
+"""Run-directory reports: every ``run.json`` under a folder, laid out as its methods' paper tables.
 
-``xmodal report RUN_DIR`` calls :func:`render_run_report`. The engine knows no method's table: a
-method declares one and the report finds it through the method registry, by the ``method`` names
-recorded in the runs' ``metrics.json``:
+``xmodal report RUN_DIR`` calls :func:`render_run_report`. The report knows no method's table: a
+method declares its tables on its class (``Method.paper_tables``) and the report finds them through
+the method registry, by the ``method`` names recorded in the runs' ``run.json``:
 
-* ``PAPER_TABLE``: a module-level dict in the method's module (or a class attribute) holding the
-  layout and the paper's numbers::
+* each table is a dict holding the layout and the paper's numbers::
 
       {
           "key": "kd-table2",                      # identifies the table (one table per key)
@@ -20,14 +19,16 @@ recorded in the runs' ``metrics.json``:
           "notes": ["..."],
       }
 
-* where each run goes: a classmethod ``report_cell(run, runs) -> (row_key, column_key) | None``
-  on the method class that owns the table; without one, the ``match`` rules of rows and columns
-  decide (``{dotted key in the run: value, list of values, or glob pattern}``; the key ``phase``
+* where each run goes: the classmethod ``report_cell(table, run, runs) -> (row_key, column_key) | None``
+  of the method class that owns the table; when it returns ``None``, the ``match`` rules of rows and
+  columns decide (``{dotted key in the run: value, list of values, or glob pattern}``; the key ``phase``
   is the last part of the run name). A run may land in a row or column the paper does not have
   (another encoder, a label fraction): it is appended, with no paper number.
 
-Several runs in one cell (seeds, relaunches under another name) are averaged; the count is shown.
-Runs no table claims are listed below the tables.
+Several runs in one cell (seeds, relaunches under another name) are averaged: the cell shows the
+mean +- standard error and n. Runs no table claims are listed below the tables, each with the
+metrics its method names (``metric``, ``report_metrics`` in ``run.json``), and the artifacts runs
+saved are linked.
 """
 
 from __future__ import annotations
@@ -37,14 +38,16 @@ import fnmatch
 import io
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from xmodal.errors import ConfigError
+from xmodal.report.stats import mean_and_error
+from xmodal.settings import get_dotted
 
-SUMMARY_FILE = "metrics.json"
+SUMMARY_FILE = "run.json"
+LEGACY_SUMMARY_FILE = "metrics.json"
 REPORT_MARKDOWN = "report.md"
 REPORT_CSV = "report.csv"
 PAPER_MEAN = "paper-mean"
@@ -76,6 +79,7 @@ class TableCell:
 
     runs: list[dict[str, Any]] = field(default_factory=list)
     ours: float | None = None
+    error: float = 0.0
     paper: float | None = None
 
 
@@ -93,11 +97,12 @@ class FilledTable:
 
 
 def collect_runs(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every run summary (``metrics.json`` written by the runner) under ``run_dir``, sorted by name.
+    """Every run summary (``run.json`` written at the end of a run) under ``run_dir``, sorted by name.
 
-    Checkpoint folders also hold a ``metrics.json`` (flat per-epoch metrics): only files with the
-    run-summary keys (``name``, ``method``, ``metrics``) count. Each summary gets ``results_dir``
-    (its folder) and ``phase`` (the last part of its name).
+    Only files with the run-summary keys (``name``, ``method``, ``metrics``) count; summaries written
+    before runs named them ``run.json`` (``metrics.json`` beside a run's panels) are read too, which
+    leaves out the per-checkpoint ``metrics.json`` files. Each summary gets ``results_dir`` (its
+    folder) and ``phase`` (the last part of its name).
 
     Raises:
         ConfigError: ``run_dir`` is not a folder.
@@ -106,7 +111,8 @@ def collect_runs(run_dir: str | Path) -> list[dict[str, Any]]:
     if not root.is_dir():
         raise ConfigError(f"report: run folder {str(root)!r} does not exist")
     runs = []
-    for path in sorted(root.rglob(SUMMARY_FILE)):
+    found = {p.parent: p for p in root.rglob(LEGACY_SUMMARY_FILE)} | {p.parent: p for p in root.rglob(SUMMARY_FILE)}
+    for path in sorted(found.values()):
         try:
             summary = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -131,8 +137,8 @@ def metric_value(run: dict[str, Any], metric: str) -> float | None:
 
 
 def method_tables() -> Callable[[str], list[tuple[dict[str, Any], Classifier | None]]]:
-    """A lookup: method name -> [(table spec, classifier or None)] the method declares."""
-    from xmodal.methods.base import get_method
+    """A lookup: method name -> [(table spec, classifier)] for each table the method declares."""
+    from xmodal.methods.registry import get_method
 
     cache: dict[str, list[tuple[dict[str, Any], Classifier | None]]] = {}
 
@@ -143,29 +149,24 @@ def method_tables() -> Callable[[str], list[tuple[dict[str, Any], Classifier | N
             except ConfigError:
                 cache[name] = []  # a method this installation does not have: list its runs only
                 return cache[name]
-            module = sys.modules.get(cls.__module__)
-            spec = getattr(cls, "PAPER_TABLE", None) or getattr(module, "PAPER_TABLE", None)
-            classifier = getattr(cls, "report_cell", None)
-            cache[name] = [(spec, classifier)] if isinstance(spec, dict) else []
+            cache[name] = [(table, _classifier(cls, table)) for table in cls.paper_tables]
         return cache[name]
 
     return lookup
 
 
-def _lookup(run: dict[str, Any], dotted: str) -> Any:
-    value: Any = run
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
+def _classifier(cls: Any, table: dict[str, Any]) -> Classifier:
+    def place(run: dict[str, Any], runs: list[dict[str, Any]]) -> tuple[str, str] | None:
+        return cls.report_cell(table, run, runs) or match_cell(table, run)
+
+    return place
 
 
 def _matches(run: dict[str, Any], rules: dict[str, Any] | None) -> bool:
     if not rules:
         return False
     for key, wanted in rules.items():
-        value = _lookup(run, key)
+        value = get_dotted(run, key)
         options = wanted if isinstance(wanted, list) else [wanted]
         if not any(
             (isinstance(option, str) and isinstance(value, str) and fnmatch.fnmatchcase(value, option)) or value == option
@@ -211,21 +212,25 @@ def fill_table(spec: dict[str, Any], classifier: Classifier | None, runs: list[d
     for row in rows:
         for column in columns:
             cell = cells.setdefault((row["key"], column["key"]), TableCell())
-            values = [v for v in (metric_value(run, metric) for run in cell.runs) if v is not None]
-            cell.ours = sum(values) / len(values) * scale if values else None
+            values = [v * scale for v in (metric_value(run, metric) for run in cell.runs) if v is not None]
+            if values:
+                cell.ours, _, cell.error = mean_and_error(values)
             cell.paper = (paper.get(row["key"]) or {}).get(column["key"])
     return FilledTable(spec, rows, columns, cells), claimed
 
 
 def _extra_label(row: str, rows: list[dict[str, Any]]) -> str:
-    """Label of a row the paper does not have, e.g. ``int/ft_a@0.05`` -> ``Int+Ft-A (5 % labels)``."""
-    base, _, fraction = row.partition("@")
+    """Label of a row the paper does not have, e.g. ``int/ft_a@0.05`` -> ``Int+Ft-A (5 % labels)``,
+    ``sar@n32`` -> ``SAR (32 labelled tiles)``."""
+    base, _, share = row.partition("@")
     label = next((r["label"] for r in rows if r["key"] == base), base)
-    if fraction:
+    if share.startswith("n") and share[1:].isdigit():
+        label += f" ({share[1:]} labelled tiles)"
+    elif share:
         try:
-            label += f" ({float(fraction) * 100:g} % labels)"
+            label += f" ({float(share) * 100:g} % labels)"
         except ValueError:
-            label += f" ({fraction})"
+            label += f" ({share})"
     return label
 
 
@@ -238,9 +243,9 @@ def _number(value: float | None) -> str:
 
 def _cell_text(cell: TableCell) -> str:
     ours = _number(cell.ours) or ("n/a" if cell.runs else "-")
-    count = f" (n={len(cell.runs)})" if len(cell.runs) > 1 else ""
+    spread = f" +- {cell.error:.2f} (n={len(cell.runs)})" if len(cell.runs) > 1 and cell.ours is not None else ""
     paper = _number(cell.paper) or "-"
-    return f"{ours}{count} / {paper}"
+    return f"{ours}{spread} / {paper}"
 
 
 def _markdown_table(header: list[str], lines: list[list[str]]) -> str:
@@ -263,32 +268,46 @@ def table_markdown(table: FilledTable) -> str:
     return "\n".join(parts)
 
 
+def _labels_text(run: dict[str, Any]) -> str:
+    data = run.get("data") or {}
+    labels = data.get("labels") or {}
+    if labels.get("count") is not None:
+        return f"{labels['count']} tiles"
+    fraction = labels.get("fraction", data.get("label_fraction"))
+    return "" if fraction is None else f"{fraction:g}"
+
+
 def runs_markdown(runs: list[dict[str, Any]], title: str = "All runs") -> str:
-    """Every run: name, method, model, label fraction, val/test metric and wall time."""
-    header = ["run", "method", "model", "labels", "val/iou", "test/iou", "other test metrics", "wall s"]
+    """Every run with the metrics its method names: the selection metric on validation (and
+    whether it used labels), the report metrics on test, the tested epoch, wall time, artifacts."""
+    header = ["run", "method", "model", "labels", "selected by (val)", "test metrics", "tested epoch", "wall s"]
     lines = []
     for run in runs:
         model = run.get("model") or {}
-        metrics = run.get("metrics") or {}
-        others = ", ".join(
-            f"{k.split('/', 1)[1]} {v:.3f}"
-            for k, v in sorted(metrics.items())
-            if k.startswith("test/") and k != "test/iou" and isinstance(v, (int, float)) and k.split("/", 1)[1] in ("miou", "accuracy", "loss", "teacher/iou")
-        )
-        fraction = (run.get("data") or {}).get("label_fraction")
+        selected = str(run.get("metric") or "")
+        value = metric_value(run, selected) if selected else None
+        free = " (label-free)" if run.get("metric_labelled") is False else ""
+        names = run.get("report_metrics") or sorted(k for k in (run.get("metrics") or {}) if k.startswith("test/"))[:3]
+        tests = ", ".join(f"{name.split('/', 1)[1]} {metric_value(run, name):.3f}" for name in names if metric_value(run, name) is not None)
         lines.append(
             [
                 str(run.get("name")),
                 str(run.get("method")),
                 f"{model.get('arch')} {model.get('encoder')}",
-                "" if fraction is None else f"{fraction:g}",
-                _number(metric_value(run, "val/iou")),
-                _number(metric_value(run, "test/iou")),
-                others,
+                _labels_text(run),
+                f"{selected.split('/', 1)[-1]} {value:.3f}{free}" if value is not None else selected,
+                tests,
+                str(run.get("tested_epoch", "")),
                 str(run.get("wall_seconds", "")),
             ]
         )
-    return f"## {title}\n\n" + _markdown_table(header, lines)
+    out = f"## {title}\n\n" + _markdown_table(header, lines)
+    figures = [(run, name) for run in runs for name in run.get("artifacts") or []]
+    if figures:
+        out += "\n\nArtifacts:\n\n" + "\n".join(
+            f"- `{run['name']}` {name}: {Path(run['results_dir']) / 'artifacts' / (name + '.png')}" for run, name in figures
+        )
+    return out
 
 
 def _csv_lines(tables: list[FilledTable], others: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -315,14 +334,15 @@ def _csv_lines(tables: list[FilledTable], others: list[dict[str, Any]]) -> list[
                 )
     for run in others:
         model = run.get("model") or {}
-        value = metric_value(run, "test/iou")
+        headline = (run.get("report_metrics") or ["test/iou"])[0]
+        value = metric_value(run, headline)
         lines.append(
             {
                 "table": "other",
                 "row": run.get("name"),
                 "row_label": run.get("method"),
                 "column": f"{model.get('arch')}:{model.get('encoder')}",
-                "column_label": "test/iou (0-1, unscaled)",
+                "column_label": f"{headline} (unscaled)",
                 "ours": "" if value is None else f"{value:.4f}",
                 "paper": "",
                 "delta": "",

@@ -22,6 +22,13 @@ override it) with a ``sweep:`` section::
 Every swept key is a dotted config key; the whole sweep is validated here, without Ray, before
 anything starts: unknown keys, keys that are not config keys, and sampled configurations that do
 not build are refused with a :class:`~xmodal.errors.ConfigError` naming the key.
+
+A config with ``phases`` is a chain sweep: every trial runs the whole chain (e.g. pretrain ->
+finetune). ``phases.<name>.<key>`` sweeps a key of one phase, applied after that phase's own
+overrides (``phases.finetune.train.lr``, ``phases.finetune.data.labels.fraction``); keys without the
+prefix change the base every phase inherits. ``seeds`` repeat whole chains. Trials are ranked by the
+last phase's metric; a phase whose configuration (and inputs) several trials share, such as a
+pretraining that only the finetuning values differ after, runs once and is reused.
 """
 
 from __future__ import annotations
@@ -36,8 +43,12 @@ from typing import Any
 
 from xmodal.engine.config import ExperimentConfig, _TOP_LEVEL, build_config, parse_overrides, read_yaml
 from xmodal.errors import ConfigError
-from xmodal.settings import from_dict, merge, set_dotted, to_dict
+from xmodal.settings import from_dict, get_dotted, merge, set_dotted, to_dict
 
+# Files of a sweep folder (written by xmodal.tune.sweep, read by xmodal.report.sweeps).
+SPEC_FILE = "sweep.json"
+RUN_FILE = "sweep_run.json"
+FINAL_KEY = "sweep/final"  # marks a trial's last row: its test metrics after training
 PARAMETER_TYPES = ("uniform", "loguniform", "int", "choice")
 SEARCHES = ("optuna", "random", "grid")
 SCHEDULERS = ("fifo", "asha")
@@ -76,8 +87,9 @@ class SweepSettings:
         search: ``optuna`` (TPE, define-by-run), ``random`` (Optuna's random sampler) or
             ``grid`` (every combination of the ``choice`` parameters).
         num_samples: Configurations drawn by optuna/random (ignored by grid).
-        metric: Metric ranking trials (default: the method's, e.g. ``val/iou``).
-        mode: ``max`` or ``min`` (default: the method's).
+        metric: Metric ranking trials (default: the selection metric of the (last phase's)
+            method, e.g. ``val/iou``).
+        mode: ``max`` or ``min`` (default: that metric's).
         seeds: Run every configuration once per seed (``None``: once, with the config's seed).
         seed_keys: Config keys set to the seed (e.g. also ``data.label_seed``).
         scheduler: ``fifo`` (every trial runs to the end) or ``asha`` (early stopping).
@@ -87,13 +99,12 @@ class SweepSettings:
         trial_cpus: CPUs of each trial's driver actor (the Tune trial itself).
         max_failures: Retries of a failed trial (it resumes from its last Train checkpoint).
         storage: Folder or URI (``s3://``, ``gs://``, shared mount) holding sweep folders.
-        results: Local folder for per-trial metrics.json and TensorBoard (default: inside the
+        results: Local folder for per-trial run.json and TensorBoard (default: inside the
             sweep folder when it is local, else ``results/sweeps/<name>``).
         study_storage: Optuna RDB URL (default: SQLite file in a local sweep folder; on remote
             storage, a database URL such as ``postgresql://...``, or none: Tune's own
             searcher checkpoint still makes the sweep resumable).
         sampler_seed: Seed of the Optuna sampler.
-        phase: With a phased config, the phase the sweep trains (its inputs must be checkpoints).
         local_cpus: Logical CPUs of a local Ray started by the sweep (``None``: enough for one trial).
     """
 
@@ -112,7 +123,6 @@ class SweepSettings:
     results: str | None = None
     study_storage: str | None = None
     sampler_seed: int = 0
-    phase: str | None = None
     local_cpus: int | None = None
 
     def __post_init__(self) -> None:
@@ -285,14 +295,41 @@ def parse_parameter(key: str, raw: Any, earlier: dict[str, Parameter]) -> Parame
     return param
 
 
-def get_dotted(data: dict[str, Any], dotted: str) -> Any:
-    """``data["a"]["b"]`` for ``"a.b"``; :data:`_ABSENT` when a key is missing."""
-    node: Any = data
-    for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
-            return _ABSENT
-        node = node[key]
-    return node
+PHASE_PREFIX = "phases."
+
+
+def split_phase_key(key: str) -> tuple[str | None, str]:
+    """``phases.<name>.<rest>`` -> (name, rest); other keys -> (None, key)."""
+    if not key.startswith(PHASE_PREFIX):
+        return None, key
+    name, _, rest = key[len(PHASE_PREFIX):].partition(".")
+    return name, rest
+
+
+def set_swept(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set a swept value: on the base, or (``phases.<name>.<key>``) over that phase's own overrides.
+
+    Raises:
+        ConfigError: The phase does not exist.
+    """
+    phase, rest = split_phase_key(key)
+    if phase is None:
+        set_dotted(raw, key, value)
+        return
+    for entry in raw.get("phases") or []:
+        if isinstance(entry, dict) and entry.get("name") == phase:
+            overrides = entry.setdefault("overrides", {})
+            set_dotted(overrides, rest, value)
+            return
+    names = [entry.get("name") for entry in raw.get("phases") or [] if isinstance(entry, dict)]
+    raise ConfigError(f"sweep.parameters.{key}: the config has no phase {phase!r}; phases: {names}")
+
+
+def final_config(config: ExperimentConfig) -> ExperimentConfig:
+    """The run that ranks a trial: the config itself, or the last phase of its chain."""
+    from xmodal.engine.config import phase_config
+
+    return phase_config(config, config.phases[-1]) if config.phases else config
 
 
 @dataclass
@@ -318,14 +355,8 @@ class SweepSpec:
 
     @property
     def max_epochs(self) -> int:
-        """The most epochs any trial can run (ASHA's horizon)."""
-        fixed = get_dotted(self.experiment, "train.epochs")
-        epochs = int(fixed) if fixed is not _ABSENT else 10  # OptimSettings' default
-        for param in self.parameters:
-            if param.key == "train.epochs":
-                options = [param.value(c) for c in param.choices] if param.type == "choice" else [param.high]
-                epochs = max(int(v) for v in options)
-        return epochs
+        """The most epochs the (last phase of a) trial can run: ASHA's horizon."""
+        return max(final_config(self.build_trial(params, seed, "epochs")).train.epochs for params, seed in validation_points(self))
 
     @property
     def seeds(self) -> list[int | None]:
@@ -371,7 +402,7 @@ class SweepSpec:
         """The experiment config of one trial (plain sections)."""
         raw = copy.deepcopy(self.experiment)
         for key, chosen in params.items():
-            set_dotted(raw, key, self.parameter(key).value(chosen))
+            set_swept(raw, key, self.parameter(key).value(chosen))
         if seed is not None:
             for key in self.settings.seed_keys:
                 set_dotted(raw, key, seed)
@@ -451,10 +482,9 @@ def _data_spec_if_present(config: ExperimentConfig) -> Any:
     """The data's description when its folder exists (a world still to generate has none yet)."""
     if not (Path(config.data.root) / "dataset.json").is_file():
         return None
-    from xmodal.data.prepared import prepare_data
-    from xmodal.engine.plain import data_spec
+    from xmodal.engine.setup import prepare_run_data
 
-    return data_spec(prepare_data(config.data))
+    return prepare_run_data(config)[1]
 
 
 def load_sweep(source: str | Path | dict[str, Any], overrides: list[str] | None = None, cwd: Path | None = None) -> SweepSpec:
@@ -510,21 +540,14 @@ def load_sweep(source: str | Path | dict[str, Any], overrides: list[str] | None 
     settings.storage = _absolute(settings.storage, cwd)
     settings.results = _absolute(settings.results, cwd)
     base_config = build_config({k: v for k, v in data.items()}, where)
-    if settings.phase is not None:
-        names = [p.name for p in base_config.phases]
-        if settings.phase not in names:
-            raise ConfigError(f"{where}: sweep.phase={settings.phase!r} is not a phase of this config; phases: {names}")
-    elif base_config.phases:
-        raise ConfigError(
-            f"{where}: the config has phases {[p.name for p in base_config.phases]}; a sweep trains one of them: "
-            "set sweep.phase (its inputs must then be checkpoint folders)"
-        )
+    from xmodal.methods.registry import get_method
 
-    from xmodal.methods.base import get_method
-
-    method_cls = get_method(base_config.method)
-    metric = settings.metric or method_cls.metric_for(base_config.method_settings, _data_spec_if_present(base_config))
-    mode = settings.mode or method_cls.metric_mode
+    ranked = final_config(base_config)
+    spec_metric = get_method(ranked.method).metrics(ranked.method_settings, _data_spec_if_present(ranked))
+    metric = settings.metric or spec_metric.select
+    mode = settings.mode or (spec_metric.mode if metric == spec_metric.select else None)
+    if mode is None:
+        raise ConfigError(f"{where}: sweep.metric={metric!r} is not the method's selection metric; give sweep.mode (max or min)")
     experiment = {k: v for k, v in data.items() if k != "name"}
     spec = SweepSpec(name=name, experiment=experiment, settings=settings, parameters=list(parameters.values()), metric=metric, mode=mode, source=where)
     validate_sweep(spec, base_config)
@@ -535,13 +558,19 @@ def validate_sweep(spec: SweepSpec, base_config: ExperimentConfig) -> None:
     """Refuse swept keys that are not config keys and spaces whose configurations do not build."""
     plain = base_config.to_plain()
     settings = spec.settings
+    phase_names = [p.name for p in base_config.phases]
     for param in spec.parameters:
-        if param.key == "name" or param.key.split(".")[0] not in _TOP_LEVEL:
-            raise ConfigError(f"{spec.source}: sweep.parameters.{param.key}: not a config key (sections: {sorted(_TOP_LEVEL)})")
-        if param.key.split(".")[0] == "phases":
-            raise ConfigError(f"{spec.source}: sweep.parameters.{param.key}: phases cannot be swept")
+        phase, rest = split_phase_key(param.key)
+        section = rest.split(".")[0]
+        if phase is not None and phase not in phase_names:
+            raise ConfigError(f"{spec.source}: sweep.parameters.{param.key}: the config has no phase {phase!r}; phases: {phase_names}")
+        if param.key == "name" or section not in _TOP_LEVEL or section in ("phases", "name", "inputs") or (phase is None and param.key == "phases"):
+            raise ConfigError(
+                f"{spec.source}: sweep.parameters.{param.key}: not a config key (sweepable sections: "
+                f"{sorted(_TOP_LEVEL - {'phases', 'name', 'inputs'})}; a phase's key is phases.<phase>.<section>.<key>)"
+            )
     for key in settings.seed_keys:
-        if get_dotted(plain, key) is _ABSENT:
+        if get_dotted(plain, key, _ABSENT) is _ABSENT:
             raise ConfigError(f"{spec.source}: sweep.seed_keys: {key!r} is not a config key")
     if settings.search == "grid":
         ranged = [p.key for p in spec.parameters if p.type != "choice"]
@@ -558,7 +587,7 @@ def validate_sweep(spec: SweepSpec, base_config: ExperimentConfig) -> None:
     # Each parameter on its own (with the choices its `when` needs): every choice and both range
     # ends must build, so an error names the key at fault.
     for param in spec.parameters:
-        exists = get_dotted(plain, param.key) is not _ABSENT
+        exists = get_dotted(plain, split_phase_key(param.key)[1], _ABSENT) is not _ABSENT
         for value in param.edges():
             params = _consistent({**_enabling(param, spec), param.key: value}, spec)
             if param.key not in params:
@@ -571,7 +600,7 @@ def validate_sweep(spec: SweepSpec, base_config: ExperimentConfig) -> None:
     # Whole configurations: the grid, or random draws of the space.
     for params, seed in validation_points(spec):
         spec.build_trial(params, seed, "validate")
-    if get_dotted(spec.experiment, "run.eval_every") not in (_ABSENT, 1):
+    if get_dotted(spec.experiment, "run.eval_every", 1) != 1:
         raise ConfigError(
             f"{spec.source}: run.eval_every must be 1 in a sweep: Optuna and ASHA read {spec.metric} after every epoch"
         )

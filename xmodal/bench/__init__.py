@@ -4,12 +4,13 @@
 plain PyTorch DataLoader reading the same files with the same transforms on the same cores, and
 the raw single-process decode rate.
 
-``bench_train``: step time of xmodal's Ray Train loop beside a plain PyTorch loop for the same
-model, method and batches, and their ratio.
+``bench_train``: step time of xmodal's training loop inside a Ray Train worker beside the same
+loop in one process without Ray, for the same model, method and batches, and their ratio.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import tempfile
@@ -35,7 +36,7 @@ def _bench_data_root(data_root: str | None, tiles: int) -> str:
         return data_root
     root = Path(tempfile.gettempdir()) / f"xmodal-bench-world-{tiles}"
     if not (root / "stats.json").is_file():
-        from xmodal.data.build import synthesize
+        from xmodal.data.synth import synthesize
 
         # Everything but a token val/test region goes to train so the train split has ~`tiles` tiles.
         per_region = max(4, int(np.ceil(tiles / 2)))
@@ -132,43 +133,51 @@ def _bench_config(root: str, epochs: int, batch_size: int) -> Any:
     )
 
 
+def _plain_epoch_seconds(method: Any, config: Any, batches: list[dict[str, Any]], epochs: int) -> list[float]:
+    """Epoch times of the shared training loop over ready batches in this process (no Ray)."""
+    from xmodal.engine.setup import BestTracker, metric_spec
+    from xmodal.engine.training import LoopData, LoopState, run_epochs
+    from xmodal.methods.base import Collectives
+
+    seconds: list[float] = []
+    run = copy.deepcopy(config)
+    run.train.epochs = epochs
+    data = LoopData(train=lambda: batches, evaluation=lambda split: iter(()), splits=(), batch_size=config.data.batch_size)
+    run_epochs(
+        method, run, data, LoopState(tracker=BestTracker(metric_spec(config, None))), device=torch.device("cpu"),
+        collectives=Collectives(), on_epoch=lambda epoch, metrics, tracker: seconds.append(metrics["epoch_seconds"]),
+        restore_weights=lambda epoch: None, log=lambda line: None,
+    )
+    return seconds
+
+
 def bench_train(data_root: str | None = None, tiles: int = 128, epochs: int = 5, batch_size: int = 8) -> dict[str, Any]:
-    """Step time of the Ray Train loop vs a plain PyTorch loop on the same prepared batches."""
+    """Step time of the Ray Train loop vs the same loop in one process, on the same prepared batches."""
     from xmodal.data.torch_data import TileDataset
     from xmodal.data.transforms import stack
-    from xmodal.engine.plain import build_method, data_spec
     from xmodal.engine.runner import make_trainer, plan_run
+    from xmodal.engine.setup import build_method, prepare_run_data
     from xmodal.methods.base import MethodContext
 
     root = _bench_data_root(data_root, tiles)
     config = _bench_config(root, epochs, batch_size)
     threads = os.cpu_count() or 1
     config.scaling.torch_threads = threads
-    prepared = prepare_data(config.data)
+    prepared, spec, _ = prepare_run_data(config)
     dataset = TileDataset(prepared, "train", train=False)
     samples = [dataset[i] for i in range(min(tiles, len(dataset)))]
     steps = len(samples) // batch_size
     batches = [stack(samples[i * batch_size : (i + 1) * batch_size]) for i in range(steps)]
 
-    # Plain PyTorch: the same method object, the same batches, the same thread count. It runs
-    # before and after the Ray run: this machine's speed drifts by 10-20 % between minutes, and
-    # bracketing keeps that drift out of the ratio.
+    # The same loop in one process: the same method, the same batches, the same thread count. It
+    # runs before and after the Ray run: this machine's speed drifts by 10-20 % between minutes,
+    # and bracketing keeps that drift out of the ratio.
     torch.set_num_threads(threads)
-    method = build_method(config, data_spec(prepared))
-    method.setup(MethodContext(device=torch.device("cpu"), rank=0, world_size=1, prepare_module=lambda m, **_: m, steps_per_epoch=steps))
+    method = build_method(config, spec)
+    method.setup(MethodContext(device=torch.device("cpu"), steps_per_epoch=steps, epochs=epochs))
     tensors = [{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()} for batch in batches]
-
-    def plain_epochs(count: int) -> list[float]:
-        seconds = []
-        for _ in range(count):
-            started = time.perf_counter()
-            for step, batch in enumerate(tensors):
-                method.train_step(batch, step)
-            seconds.append(time.perf_counter() - started)
-        return seconds
-
-    plain_epochs(1)  # warm-up, like the Ray run's first epoch
-    plain_seconds = plain_epochs(max(1, (epochs - 1) // 2))
+    _plain_epoch_seconds(method, config, tensors, 1)  # warm-up, like the Ray run's first epoch
+    plain_seconds = _plain_epoch_seconds(method, config, tensors, max(1, (epochs - 1) // 2))
     started_ray = _init_ray()
     plan, prepared = plan_run(config)
     plan.splits = ("train",)
@@ -179,7 +188,7 @@ def bench_train(data_root: str | None = None, tiles: int = 128, epochs: int = 5,
     ray_epochs = list(history["epoch_seconds"]) if history is not None and "epoch_seconds" in history else []
     if started_ray:
         ray.shutdown()
-    plain_seconds += plain_epochs(max(1, (epochs - 1) - (epochs - 1) // 2))
+    plain_seconds += _plain_epoch_seconds(method, config, tensors, max(1, (epochs - 1) - (epochs - 1) // 2))
     plain = statistics.median(plain_seconds) / steps
     ray_step = statistics.median(ray_epochs[1:] or ray_epochs) / steps if ray_epochs else float("nan")
     return {

@@ -1,4 +1,4 @@
-"""Sweeps: Ray Tune + Optuna over a method's knobs, each trial one Ray Train run.
+"""Sweeps: Ray Tune + Optuna over a method's knobs, each trial one Ray Train run or one phase chain.
 
 ``run_sweep`` is what ``xmodal sweep`` calls. Every trial is a Tune *function* trainable that
 builds the trial's experiment config and runs it with :func:`~xmodal.engine.runner.run_single`
@@ -6,23 +6,32 @@ builds the trial's experiment config and runs it with :func:`~xmodal.engine.runn
 The trial's Train run is named ``trial-<trial id>`` under the sweep folder, so a retried or
 resumed trial continues from its last Train checkpoint instead of starting over.
 
+A chain trial (a config with ``phases``) runs every phase in order; only the last one reports to
+Tune. Every earlier phase is named by a hash of its whole configuration and of its inputs
+(``runs/shared/<phase>-<hash>``): trials that share it (a pretraining that only finetuning values
+differ after) run it once. A lease lock held by a small Ray actor makes the others wait for it,
+and a trial that died holding one lets the next trial take over (resuming the phase's checkpoint).
+
 Sweep folder (``<sweep.storage>/<name>``)::
 
     sweep.json              the validated sweep (a resumed sweep must match it)
     optuna.db               the Optuna study (SQLite; optuna-dashboard opens it)
     trial-<id>/             Tune's files per trial: params.json, progress.csv, result.json, TensorBoard
-    runs/trial-<id>/        Ray Train checkpoints of that trial
-    results/trial-<id>/     its metrics.json and TensorBoard (when the sweep folder is local)
+    runs/trial-<id>/        Ray Train checkpoints of that trial (of its last phase, for a chain)
+    runs/shared/<phase>-<hash>/  checkpoints of a chain's earlier phases, shared by the trials that need them
+    results/trial-<id>/     its run.json and TensorBoard (when the sweep folder is local)
     report/                 written by ``xmodal report`` (tables, best config, figures)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import pickle
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +41,12 @@ from ray.tune.search import ConcurrencyLimiter, Repeater
 
 from xmodal.engine.config import ExperimentConfig, phase_config
 from xmodal.engine.session import connect, state_api_available
-from xmodal.engine.sweep_report import FINAL_KEY, RUN_FILE, SPEC_FILE
-from xmodal.engine.sweep_spec import GRID_POINT_KEY, SEED_KEY, SweepSpec, load_sweep
+from xmodal.engine.storage import is_remote, read_text, write_text
 from xmodal.errors import ConfigError, XmodalError
+from xmodal.tune.spec import FINAL_KEY, GRID_POINT_KEY, RUN_FILE, SEED_KEY, SPEC_FILE, SweepSpec, final_config, load_sweep
+
+SHARED_DIR = "shared"
+LOCK_LEASE_SECONDS = 120.0
 
 STUDY_FILE = "optuna.db"
 
@@ -57,7 +69,7 @@ class SweepResult:
         busy_share: Share of ``max_concurrent_trials`` x wall time that trials were running.
         max_concurrent_trials: Trial slots the sweep ran with.
         study_storage: Optuna storage URL (``None`` for grid sweeps or in-memory studies).
-        trials: Every trial as :func:`~xmodal.engine.sweep_report.load_trials` reads it.
+        trials: Every trial as :func:`~xmodal.report.sweeps.load_trials` reads it.
     """
 
     name: str
@@ -99,10 +111,6 @@ class SweepResult:
 # ----------------------------------------------------------------------------- paths and resources
 
 
-def is_remote(path: str) -> bool:
-    return "://" in path
-
-
 def sweep_dir(spec: SweepSpec) -> str:
     """Folder (or URI) of a sweep: Tune's experiment folder."""
     return spec.settings.storage.rstrip("/") + "/" + spec.name
@@ -121,24 +129,26 @@ def study_storage_url(spec: SweepSpec) -> str | None:
 def base_experiment(spec: SweepSpec) -> ExperimentConfig:
     """The experiment with every parameter at its first value (for sizing and data checks)."""
     params = {p.key: p.edges()[0] for p in spec.parameters if not p.when}
-    config = spec.build_trial(params, spec.seeds[0], "base")
-    if spec.settings.phase:
-        phase = next(p for p in config.phases if p.name == spec.settings.phase)
-        config = phase_config(config, phase)
-    return config
+    return spec.build_trial(params, spec.seeds[0], "base")
+
+
+def phase_runs(config: ExperimentConfig) -> list[ExperimentConfig]:
+    """The runs a trial makes: the config itself, or each phase of its chain."""
+    return [phase_config(config, phase) for phase in config.phases] if config.phases else [config]
 
 
 def trial_resources(config: ExperimentConfig, trial_cpus: float) -> dict[str, float]:
-    """Resources one trial holds: its Train workers plus the Tune trial actor.
+    """Resources one trial holds: the largest of its (phase) runs' Train workers plus the Tune trial actor.
 
     Args:
         config: The trial's experiment.
-        trial_cpus: CPUs of the trial actor (the driver of its Train run).
+        trial_cpus: CPUs of the trial actor (the driver of its Train runs).
     """
-    scaling = config.scaling
-    resources = {"CPU": scaling.num_workers * scaling.cpus_per_worker + trial_cpus}
-    if scaling.use_gpu:
-        resources["GPU"] = float(scaling.num_workers)
+    runs = phase_runs(config)
+    resources = {"CPU": max(r.scaling.num_workers * r.scaling.cpus_per_worker for r in runs) + trial_cpus}
+    gpus = max((r.scaling.num_workers for r in runs if r.scaling.use_gpu), default=0)
+    if gpus:
+        resources["GPU"] = float(gpus)
     return resources
 
 
@@ -250,9 +260,8 @@ def trial_name(trial: Any) -> str:
     return f"trial-{trial.trial_id}"
 
 
-def trial_config(plan: TrialPlan, tune_config: dict[str, Any], trial_id: str) -> tuple[ExperimentConfig, dict[str, str]]:
-    """The experiment one trial runs (sampled values, seed, storage inside the sweep folder) and
-    its input checkpoints (name -> folder or URI)."""
+def trial_config(plan: TrialPlan, tune_config: dict[str, Any], trial_id: str) -> ExperimentConfig:
+    """The experiment one trial runs: sampled values and seed, storage inside the sweep folder."""
     from xmodal.engine.config import build_config
 
     spec = plan.spec
@@ -261,36 +270,121 @@ def trial_config(plan: TrialPlan, tune_config: dict[str, Any], trial_id: str) ->
     raw.setdefault("run", {})
     raw["run"]["storage"] = plan.sweep_dir.rstrip("/") + "/runs"
     raw["run"]["results"] = plan.results_root
-    config = build_config(raw, f"{spec.source} trial {trial_id}")
-    inputs = dict(config.inputs)
-    if spec.settings.phase:
-        phase = next(p for p in config.phases if p.name == spec.settings.phase)
-        inputs.update(phase.inputs)
-        config = phase_config(config, phase)
-        config.name = f"trial-{trial_id}"  # one Train run per trial, not <trial>/<phase>
-    return config, inputs
+    return build_config(raw, f"{spec.source} trial {trial_id}")
+
+
+def shared_phase_name(config: ExperimentConfig, inputs: dict[str, Any]) -> str:
+    """``shared/<phase>-<hash>``: a phase run named by its whole configuration and its inputs, so
+    every trial that would train the same phase on the same inputs finds the same run."""
+    plain = config.to_plain()
+    plain.pop("name")
+    plain.pop("run")
+    plain["inputs"] = {k: getattr(v, "location", v) for k, v in sorted(inputs.items())}
+    digest = hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{SHARED_DIR}/{config.name.rsplit('/', 1)[-1]}-{digest}"
+
+
+def lock_actor_name(sweep_name: str) -> str:
+    return f"xmodal-phase-locks-{sweep_name}"
+
+
+class PhaseLocks:
+    """Lease locks by key (a Ray actor per sweep): one trial trains a shared phase, others wait.
+
+    A lease expires unless renewed, so a trial that died holding one (killed worker, lost node)
+    does not block the others: the next trial takes the phase over and resumes its checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self.leases: dict[str, tuple[str, float]] = {}
+
+    def acquire(self, key: str, holder: str, lease_seconds: float) -> bool:
+        now = time.time()
+        current = self.leases.get(key)
+        if current is None or current[1] < now or current[0] == holder:
+            self.leases[key] = (holder, now + lease_seconds)
+            return True
+        return False
+
+    def release(self, key: str, holder: str) -> None:
+        if self.leases.get(key, (None,))[0] == holder:
+            del self.leases[key]
+
+
+class _Lease:
+    """Holds a :class:`PhaseLocks` lease while a block runs, renewing it from a thread."""
+
+    def __init__(self, locks: Any, key: str, holder: str, lease_seconds: float = LOCK_LEASE_SECONDS) -> None:
+        self.locks, self.key, self.holder, self.lease = locks, key, holder, lease_seconds
+        self.stop = threading.Event()
+
+    def __enter__(self) -> "_Lease":
+        import ray
+
+        waited = False
+        while not ray.get(self.locks.acquire.remote(self.key, self.holder, self.lease)):
+            if not waited:
+                print(f"[sweep] {self.holder} waits for {self.key}, which another trial is training", flush=True)
+                waited = True
+            time.sleep(2.0)
+        self.thread = threading.Thread(target=self._renew, daemon=True)
+        self.thread.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self.stop.wait(self.lease / 4):
+            self.locks.acquire.remote(self.key, self.holder, self.lease)
+
+    def __exit__(self, *exc: Any) -> None:
+        import ray
+
+        self.stop.set()
+        ray.get(self.locks.release.remote(self.key, self.holder))
 
 
 def sweep_trial(tune_config: dict[str, Any], plan: TrialPlan) -> None:
-    """Tune function trainable: one Ray Train run, its epochs forwarded to Tune.
+    """Tune function trainable: one Ray Train run (or a phase chain), epochs forwarded to Tune.
 
-    After training, one last report carries the test metrics (``sweep/final`` = 1).
+    After training, one last report carries the test metrics (``sweep/final`` = 1) and the
+    checkpoint that was tested.
     """
     import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from xmodal.engine.runner import resolve_input, run_single
+    from xmodal.engine.chain import run_chain
+    from xmodal.engine.results import read_run_result
+    from xmodal.engine.runner import run_single
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     trial_id = tune.get_context().get_trial_id()
-    config, input_paths = trial_config(plan, tune_config, trial_id)
-    inputs = {k: resolve_input(v, {}, f"inputs.{k}") for k, v in input_paths.items()}
-    result = run_single(config, inputs, callbacks=[TuneReportCallback()])
+    config = trial_config(plan, tune_config, trial_id)
+    last_phase = config.phases[-1].name if config.phases else None
+    phase_names: dict[str, str] = {}
+
+    def run_one(run: ExperimentConfig, inputs: dict[str, Any]):
+        phase = run.name.rsplit("/", 1)[-1]
+        if last_phase is None or phase == last_phase:
+            run.name = f"trial-{trial_id}"  # the run Tune follows: resumes with the trial
+            phase_names[phase] = run.name
+            return run_single(run, inputs, callbacks=[TuneReportCallback()])
+        run.name = shared_phase_name(run, inputs)
+        phase_names[phase] = run.name
+        with _Lease(ray.get_actor(lock_actor_name(plan.spec.name)), run.name, f"trial-{trial_id}"):
+            done = read_run_result(run)
+            if done is not None:
+                print(f"[sweep] trial-{trial_id} reuses {run.name} ({phase})", flush=True)
+                return done
+            return run_single(run, inputs)
+
+    result = run_chain(config, run_one)[-1]
     final: dict[str, Any] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    final.update({"epoch": config.train.epochs, FINAL_KEY: 1, "results_dir": result.results_dir})
+    final.update({"epoch": final_config(config).train.epochs, FINAL_KEY: 1, "results_dir": result.results_dir})
+    final["tested_epoch"] = result.summary.get("tested_epoch")
     if result.checkpoint:
         final["checkpoint_path"] = result.checkpoint
+    if phase_names:
+        final["phase_runs"] = json.dumps(phase_names)
     tune.report(final)
 
 
@@ -323,33 +417,6 @@ def start_ray(spec: SweepSpec, base: ExperimentConfig, per_trial: dict[str, floa
 # ----------------------------------------------------------------------------- the sweep
 
 
-def _read_text(location: str) -> str | None:
-    if is_remote(location):
-        import pyarrow.fs
-
-        fs, path = pyarrow.fs.FileSystem.from_uri(location)
-        try:
-            with fs.open_input_stream(path) as handle:
-                return handle.read().decode()
-        except (FileNotFoundError, OSError):
-            return None
-    path = Path(location)
-    return path.read_text() if path.is_file() else None
-
-
-def _write_text(location: str, text: str) -> None:
-    if is_remote(location):
-        import pyarrow.fs
-
-        fs, path = pyarrow.fs.FileSystem.from_uri(location)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(path) as handle:
-            handle.write(text.encode())
-        return
-    Path(location).parent.mkdir(parents=True, exist_ok=True)
-    Path(location).write_text(text)
-
-
 def _check_same_sweep(stored: dict[str, Any], spec: SweepSpec, folder: str) -> None:
     current = json.loads(json.dumps(spec.to_plain()))
     changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
@@ -374,22 +441,26 @@ def check_data_plans(spec: SweepSpec, limit: int = 16) -> None:
         ConfigError: A configuration's data cannot be trained on, naming the swept values.
     """
     from xmodal.engine.runner import plan_run
-    from xmodal.engine.sweep_spec import validation_points
+    from xmodal.tune.spec import validation_points
 
     seen: set[str] = set()
     for params, seed in validation_points(spec):
-        config = spec.build_trial(params, seed, "check")
-        if spec.settings.phase:
-            config = phase_config(config, next(p for p in config.phases if p.name == spec.settings.phase))
-        key = json.dumps([config.to_plain()["data"], config.method, config.scaling.num_workers], sort_keys=True, default=str)
-        if key in seen or len(seen) >= limit:
-            continue
-        seen.add(key)
-        try:
-            plan_run(config)
-        except XmodalError as exc:
-            shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
-            raise ConfigError(f"{spec.source}: trials with {shown or 'the base settings'} cannot run: {exc}") from exc
+        for config in phase_runs(spec.build_trial(params, seed, "check")):
+            key = json.dumps([config.to_plain()["data"], config.method, to_plain_settings(config), config.scaling.num_workers], sort_keys=True, default=str)
+            if key in seen or len(seen) >= limit:
+                continue
+            seen.add(key)
+            try:
+                plan_run(config)
+            except XmodalError as exc:
+                shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+                raise ConfigError(f"{spec.source}: trials with {shown or 'the base settings'} cannot run ({config.name}): {exc}") from exc
+
+
+def to_plain_settings(config: ExperimentConfig) -> Any:
+    from xmodal.settings import to_dict
+
+    return to_dict(config.method_settings)
 
 
 def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[str] | None = None, resume: bool = False) -> SweepResult:
@@ -408,7 +479,7 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from xmodal.engine.plain import ensure_data
+    from xmodal.engine.setup import ensure_data
 
     spec = source if isinstance(source, SweepSpec) else load_sweep(source, overrides)
     folder = sweep_dir(spec)
@@ -422,7 +493,7 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
             "or give this one another name (name=...)"
         )
     if resume:
-        stored = _read_text(folder.rstrip("/") + "/" + SPEC_FILE)
+        stored = read_text(folder.rstrip("/") + "/" + SPEC_FILE)
         if not exists or stored is None:
             raise ConfigError(f"nothing to resume: no sweep {spec.name!r} in {folder}")
         _check_same_sweep(json.loads(stored), spec, folder)
@@ -444,7 +515,7 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
 
         slots = settings.max_concurrent_trials
         if resume:  # a restored sweep keeps the concurrency it started with
-            slots = json.loads(_read_text(folder.rstrip("/") + "/" + RUN_FILE) or "{}").get("max_concurrent_trials", slots)
+            slots = json.loads(read_text(folder.rstrip("/") + "/" + RUN_FILE) or "{}").get("max_concurrent_trials", slots)
         if slots == "auto":
             slots = concurrent_trials(ray.cluster_resources(), per_trial, base.scaling.data_cpus)
         trainable = tune.with_resources(tune.with_parameters(sweep_trial, plan=plan), {"cpu": settings.trial_cpus})
@@ -453,7 +524,7 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
             tuner = tune.Tuner.restore(folder, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False)
             print(f"[sweep {spec.name}] resuming from {folder}", flush=True)
         else:
-            _write_text(folder.rstrip("/") + "/" + SPEC_FILE, json.dumps(spec.to_plain(), indent=2))
+            write_text(folder.rstrip("/") + "/" + SPEC_FILE, json.dumps(spec.to_plain(), indent=2))
             search_alg, param_space, num_samples = make_search(spec, slots)
             if settings.scheduler == "asha":
                 # time_attr=epoch survives resumes; max_t above the last epoch so ASHA never kills a
@@ -488,7 +559,10 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
                 flush=True,
             )
         _record_session(folder, int(slots), started, None, resume)
+        # Trials of a chain sweep coordinate their shared phases through this actor (no CPU held).
+        locks = ray.remote(num_cpus=0)(PhaseLocks).options(name=lock_actor_name(spec.name), get_if_exists=True).remote()
         tuner.fit()
+        del locks
     finally:
         ended = time.time()
         if started_ray:
@@ -521,15 +595,15 @@ def keep_trial_results(folder: str) -> None:
 def _record_session(folder: str, slots: int, started: float, ended: float | None, resume: bool) -> None:
     """Keep each launch of the sweep (slots, start, end) in ``sweep_run.json`` for the report."""
     location = folder.rstrip("/") + "/" + RUN_FILE
-    record = json.loads(_read_text(location) or "{}")
+    record = json.loads(read_text(location) or "{}")
     sessions = [s for s in record.get("sessions", []) if s.get("started") != started]
     sessions.append({"started": started, "ended": ended, "resume": resume})
-    _write_text(location, json.dumps({"max_concurrent_trials": slots, "sessions": sessions}, indent=2))
+    write_text(location, json.dumps({"max_concurrent_trials": slots, "sessions": sessions}, indent=2))
 
 
 def summarise_sweep(spec: SweepSpec, folder: str, started: float, ended: float, slots: int) -> SweepResult:
     """Read the sweep folder back into a :class:`SweepResult` (figures for the time window)."""
-    from xmodal.engine.sweep_report import best_trial, final_value, load_trials, utilisation
+    from xmodal.report.sweeps import best_trial, final_value, load_trials, utilisation
 
     trials = load_trials(folder)
     usage = utilisation(trials, slots, window=(started, ended))

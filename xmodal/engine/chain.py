@@ -1,0 +1,85 @@
+"""Running a config's phase chain: each phase's inputs resolved to checkpoints of earlier phases.
+
+Both engines (Ray Train and the plain loop) run chains through :func:`run_chain`; they differ only
+in the function that trains one phase. A phase input naming an earlier phase receives the
+checkpoint that phase *tested* (best on its own selection metric), or its last one with
+``{source: <phase>, checkpoint: last}``; any input may instead be a checkpoint folder or URI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from xmodal.engine.config import ExperimentConfig, InputRef, phase_config
+from xmodal.engine.results import RunResult, read_run_result
+from xmodal.engine.storage import is_remote
+from xmodal.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ResolvedInput:
+    """An input checkpoint: where it is and which run (if any) produced it."""
+
+    location: str
+    run: str | None = None
+    checkpoint: str = "tested"
+
+    def record(self) -> dict[str, str | None]:
+        """How a run summary records it."""
+        return {"run": self.run, "checkpoint": self.location, "which": self.checkpoint if self.run else None}
+
+
+RunOne = Callable[[ExperimentConfig, dict[str, ResolvedInput]], RunResult]
+
+
+def resolve_input(value: str | InputRef, finished: dict[str, RunResult], where: str) -> ResolvedInput:
+    """An input given as an earlier phase's name (or ``{source, checkpoint}``) or a checkpoint folder/URI.
+
+    Raises:
+        ConfigError: The phase has not finished / has no such checkpoint, or the folder does not exist.
+    """
+    ref = InputRef.of(value)
+    if ref.source in finished:
+        result = finished[ref.source]
+        location = result.checkpoint_for(ref.checkpoint)
+        if location is None:
+            raise ConfigError(f"{where}: phase {ref.source!r} finished without a {ref.checkpoint} checkpoint")
+        return ResolvedInput(location=str(location), run=result.name, checkpoint=ref.checkpoint)
+    if not is_remote(ref.source) and not Path(ref.source).is_dir():
+        raise ConfigError(
+            f"{where}: {ref.source!r} is neither a finished earlier phase ({sorted(finished) or 'none'}) nor a checkpoint folder"
+        )
+    return ResolvedInput(location=ref.source)
+
+
+def run_chain(config: ExperimentConfig, run_one: RunOne, only_phases: list[str] | None = None) -> list[RunResult]:
+    """Run a config: a single run, or its phases in order.
+
+    Args:
+        config: A validated experiment.
+        run_one: Trains one (phase) config with its resolved inputs.
+        only_phases: Run just these phases; earlier phases they read must have finished before
+            (their ``run.json`` is read back).
+    """
+    if not config.phases:
+        inputs = {k: resolve_input(v, {}, f"inputs.{k}") for k, v in config.inputs.items()}
+        return [run_one(config, inputs)]
+    unknown = sorted(set(only_phases or []) - {p.name for p in config.phases})
+    if unknown:
+        raise ConfigError(f"--phase {unknown}: not phases of {config.source}; phases: {[p.name for p in config.phases]}")
+    finished: dict[str, RunResult] = {}
+    results = []
+    for phase in config.phases:
+        phase_run = phase_config(config, phase)
+        if only_phases and phase.name not in only_phases:
+            done = read_run_result(phase_run)
+            if done is not None:
+                finished[phase.name] = done
+            continue
+        inputs = {k: resolve_input(v, finished, f"phase {phase.name!r} input {k!r}") for k, v in phase_run.inputs.items()}
+        result = run_one(phase_run, inputs)
+        finished[phase.name] = result
+        results.append(result)
+    return results

@@ -1,0 +1,153 @@
+"""What a finished run leaves for people and for later phases: ``run.json``, panels, artifacts.
+
+A run's results folder (``run.results`` or the run's storage, then the run name) holds:
+
+* ``run.json``: the run summary (what ran, on what data and labelled subset, from which input
+  checkpoints, which epoch was tested, its metrics, the tested and last checkpoints). Checkpoint
+  folders hold a different file, ``metrics.json``: that epoch's flat metrics.
+* ``panels_test.png``: the method's test panel; ``artifacts/``: the test artifacts (arrays, PNGs).
+* ``tensorboard/``: per-step and per-epoch curves.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xmodal.engine.config import ExperimentConfig
+from xmodal.engine.storage import is_remote
+from xmodal.settings import to_dict
+
+RUN_FILE = "run.json"
+PANELS_FILE = "panels_test.png"
+
+
+@dataclass
+class RunResult:
+    """What one training run produced.
+
+    Attributes:
+        name: Run name (``chain/phase`` for a phase).
+        metrics: ``val/...`` and ``test/...`` metrics of the tested weights.
+        checkpoint: The tested checkpoint (best on the method's selection, or the last with
+            ``run.select: last``); what later phases receive by default.
+        last_checkpoint: The last epoch's checkpoint.
+        results_dir: Its results folder.
+        summary: The contents of ``run.json``.
+    """
+
+    name: str
+    metrics: dict[str, float]
+    checkpoint: str | None
+    results_dir: str
+    last_checkpoint: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def checkpoint_for(self, which: str) -> str | None:
+        """``tested`` or ``last``."""
+        return self.checkpoint if which == "tested" else self.last_checkpoint
+
+
+def storage_path(config: ExperimentConfig) -> str:
+    """The run storage as Ray Train takes it (absolute local path or URI)."""
+    storage = config.run.storage
+    return storage if is_remote(storage) else str(Path(storage).expanduser().resolve())
+
+
+def results_dir(config: ExperimentConfig) -> Path:
+    """Local folder for run.json, panels, artifacts and TensorBoard of this run."""
+    if config.run.results:
+        base = Path(config.run.results)
+    elif not is_remote(config.run.storage):
+        base = Path(config.run.storage)
+    else:
+        base = Path("results")
+    return (base / config.name).expanduser().resolve()
+
+
+def summarise(
+    config: ExperimentConfig,
+    outcome: dict[str, Any],
+    *,
+    spec: Any,
+    checkpoint: str | None,
+    last_checkpoint: str | None,
+    seconds: float,
+    inputs: dict[str, dict[str, Any]] | None = None,
+    engine: str = "ray",
+) -> dict[str, Any]:
+    """The run summary (``run.json``)."""
+    from xmodal.engine.config import fingerprint
+    from xmodal.methods.registry import get_method
+
+    metrics = {f"{split}/{k}": v for split in ("val", "test") for k, v in (outcome.get(split) or {}).items()}
+    metric = get_method(config.method).metrics(config.method_settings, spec)
+    return {
+        "name": config.name,
+        "method": config.method,
+        "method_settings": to_dict(config.method_settings),
+        "model": to_dict(config.model),
+        "train": {k: v for k, v in to_dict(config.train).items()},
+        "data": {
+            "root": config.data.root,
+            "mask_layer": config.data.mask_layer,
+            "noisy_layer": config.data.noisy_layer,
+            "labels": config.data.labels.describe(),
+            "train_tiles": getattr(spec, "train_tiles", None),
+            "labelled_tiles": getattr(spec, "labelled_tiles", None),
+        },
+        "epochs": outcome.get("epochs"),
+        "metric": outcome.get("metric", metric.select),
+        "metric_mode": outcome.get("metric_mode", metric.mode),
+        "metric_labelled": metric.labelled,
+        "report_metrics": list(metric.report),
+        "select": config.run.select,
+        "tested_epoch": outcome.get("tested_epoch"),
+        "metrics": metrics,
+        "per_class": {split: outcome.get(f"{split}_per_class", {}) for split in ("val", "test")},
+        "checkpoint": checkpoint,
+        "last_checkpoint": last_checkpoint,
+        "inputs": inputs or {},
+        "artifacts": sorted(outcome.get("artifacts") or {}),
+        "history": outcome.get("history", []),
+        "engine": engine,
+        "fingerprint": json.loads(json.dumps(fingerprint(config), default=str)),
+        "wall_seconds": round(seconds, 1),
+    }
+
+
+def write_run_results(folder: str | Path, summary: dict[str, Any], outcome: dict[str, Any], title: str) -> None:
+    """Write ``run.json``, the test panel and the test artifacts of a finished run."""
+    from xmodal.figures import ARTIFACTS_DIR, render_panels, save_artifacts
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    if outcome.get("panels"):
+        render_panels(outcome["panels"], out / PANELS_FILE, title=title)
+    save_artifacts(outcome.get("artifacts") or {}, out / ARTIFACTS_DIR)
+    (out / RUN_FILE).write_text(json.dumps(summary, indent=2, default=str))
+
+
+def read_run_result(config: ExperimentConfig) -> RunResult | None:
+    """The finished run of this config (its ``run.json``), or ``None`` when it has not finished.
+
+    A summary of another method, model or data under the same name does not count.
+    """
+    from xmodal.engine.config import fingerprint
+
+    path = results_dir(config) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    current = json.loads(json.dumps(fingerprint(config), default=str))
+    if summary.get("fingerprint") != current or summary.get("epochs") != config.train.epochs:
+        return None
+    return RunResult(
+        name=summary["name"], metrics=summary.get("metrics", {}), checkpoint=summary.get("checkpoint"),
+        last_checkpoint=summary.get("last_checkpoint"), results_dir=str(path.parent), summary=summary,
+    )
