@@ -215,32 +215,39 @@ def train_workers(marker: str) -> list[int]:
 
 
 @pytest.mark.ray
-def test_two_knob_sweep_as_a_ray_job_survives_a_killed_train_worker_and_reports(ray_head: dict, tiny_world: Path, tmp_path: Path):
+def test_a_chain_sweep_as_a_ray_job_survives_a_killed_train_worker_and_shares_its_pretraining(ray_head: dict, tiny_world: Path, tmp_path: Path):
     """One command, `ray job submit --working-dir . --runtime-env cluster/runtime_env.local.yaml --
-    python -m xmodal.cli.main sweep` (= `xmodal sweep`), to a token-auth head: the smoke sweep,
-    Optuna over train.lr (log-uniform) x model.decoder_channels (named choices). The trial's Train
-    worker is killed (SIGKILL) once a checkpoint is registered: the trial resumes from it, the job
-    succeeds, and the sweep folder holds the trial, checkpoints, the Optuna study and the report.
+    python -m xmodal.cli.main sweep` (= `xmodal sweep`), to a token-auth head: a two-phase chain
+    sweep (pretrain -> finetune from it) with a per-phase swept key and 2 seeds. The first Train
+    worker is killed (SIGKILL) once a checkpoint is registered: its run resumes from it. Then: both
+    trials finish, the pretraining they share ran once, each finetuning records it as its input and
+    reports the checkpoint it tested, and the report shows mean +- s.e. over the seeds.
 
-    One trial keeps the test within this 2-core machine's budget (a Train trial costs 2-3 minutes
-    here, mostly worker and data-pipeline start-up); `cluster/local_smoke.sh` runs two."""
+    One trial slot keeps the test within this 2-core machine's budget (a Train run costs about
+    30 s here, mostly start-up); `cluster/local_smoke.sh` runs the two-knob smoke sweep."""
+    from test_sweep import chain_sweep_dict
+
+    raw = chain_sweep_dict(tiny_world, tmp_path)
+    raw["train"]["epochs"] = 2  # a checkpoint after epoch 1 leaves an epoch to resume
+    raw["sweep"].update(max_concurrent_trials=1, local_cpus=None)
+    config = tmp_path / "chain.yaml"
+    config.write_text(yaml.safe_dump(raw))
     submission = f"xmodal-test-{secrets.token_hex(4)}"
     assert job_status(ray_head, submission, token=False).startswith("unknown (HTTP Error 401"), "the head must refuse requests without the token"
     submitted = subprocess.run(
         [RAY, "job", "submit", "--address", ray_head["address"], "--submission-id", submission, "--no-wait",
          "--working-dir", ".", "--runtime-env", "cluster/runtime_env.local.yaml", "--entrypoint-num-cpus", "0", "--",
-         sys.executable, "-m", "xmodal.cli.main", "sweep", "experiments/sweeps/smoke.yaml", f"data.root={tiny_world}",
-         f"sweep.storage={tmp_path}", "name=job", "sweep.num_samples=1", "train.epochs=2"],
+         sys.executable, "-m", "xmodal.cli.main", "sweep", str(config)],
         env=ray_head["env"], cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    folder = tmp_path / "job"
+    folder = tmp_path / "chain"
     killed: list[int] = []
-    deadline = time.time() + 540
+    deadline = time.time() + 600
     status = job_status(ray_head, submission)
     while time.time() < deadline and status not in ("SUCCEEDED", "FAILED", "STOPPED"):
         # Train writes its snapshot once a reported checkpoint is registered: kill the worker then.
-        if not killed and list(folder.glob("runs/trial-*/checkpoint_manager_snapshot.json")):
+        if not killed and list(folder.glob("runs/**/checkpoint_manager_snapshot.json")):
             killed = train_workers(ray_head["marker"])
             for pid in killed:
                 os.kill(pid, signal.SIGKILL)
@@ -249,16 +256,24 @@ def test_two_knob_sweep_as_a_ray_job_survives_a_killed_train_worker_and_reports(
     logs = ray_cli(ray_head, "job", "logs", submission).stdout
     assert status == "SUCCEEDED", status + logs[-4000:]
     assert killed, "no Train worker was running after the first checkpoint"
-    assert re.search(r"\[trial-\w+\] resumed from epoch [12] checkpoint", logs), logs[-4000:]
-    assert "sweep job: 1 trials (1 terminated)" in logs and "1 at a time" in logs and "trials/hour" in logs and "busy" in logs
+    assert re.search(r"\[shared/pretrain-\w+\] resumed from epoch 1 checkpoint", logs), logs[-4000:]
+    assert "sweep chain: 2 trials (2 terminated)" in logs and "1 at a time" in logs and "trials/hour" in logs and "busy" in logs
+    assert "reuses shared/pretrain-" in logs
 
     from xmodal.report.sweeps import load_trials, render_sweep_report
 
-    (trial,) = load_trials(folder)
-    assert trial["state"] == "TERMINATED" and trial["final"]["epoch"] == 2 and "test/iou" in trial["final"], trial["error"]
-    assert set(trial["params"]) == {"train.lr", "model.decoder_channels"}
-    assert list((folder / "runs").glob(f"trial-{trial['trial_id']}/checkpoint_*/state.pt")), "Train checkpoints inside the sweep folder"
-    assert (folder / "optuna.db").is_file() and list(folder.glob("trial-*/events.out.tfevents.*"))
-    assert (folder / "report" / "report.md").is_file(), "the sweep renders its report at the end"
+    trials = load_trials(folder)
+    assert {t["state"] for t in trials} == {"TERMINATED"} and {t["seed"] for t in trials} == {0, 1}
+    shared = {json.loads(t["final"]["phase_runs"])["pretrain"] for t in trials}
+    assert len(shared) == 1 and len(list((folder / "results" / "shared").glob("pretrain-*/run.json"))) == 1, "the shared pretraining ran once"
+    for trial in trials:
+        assert trial["final"]["epoch"] == 2 and "test/iou" in trial["final"] and set(trial["params"]) == {"phases.finetune.train.lr"}
+        summary = json.loads((Path(trial["final"]["results_dir"]) / "run.json").read_text())
+        assert summary["inputs"]["start"]["run"] in shared and summary["checkpoint"] == trial["final"]["checkpoint_path"]
+        assert summary["train"]["lr"] == 0.002 and summary["train"]["seed"] == trial["seed"]
+        assert list((folder / "runs").glob(f"trial-{trial['trial_id']}/checkpoint_*/state.pt")), "Train checkpoints inside the sweep folder"
+    assert list(folder.glob("trial-*/events.out.tfevents.*"))
+    report = (folder / "report" / "report.md").read_text()  # the sweep renders its report at the end
+    assert "| 0.002 | 2 |" in report and " +- " in report
     names = {p.name for p in render_sweep_report(folder)}  # `xmodal report` on the finished folder
-    assert {"report.md", "trials.csv", "best.yaml", "learning_curves.png", "metric_vs_train.lr.png", "metric_vs_model.decoder_channels.png"} <= names
+    assert {"report.md", "trials.csv", "best.yaml", "learning_curves.png", "metric_vs_phases.finetune.train.lr.png"} <= names

@@ -202,25 +202,33 @@ def test_paper_table_and_run_classification():
 
 @pytest.mark.ray
 def test_teacher_reconstruct_finetune_chain_on_two_workers(tiny_world: Path, tmp_path: Path, ray_local):
+    """The teacher trains in the plain engine; reconstruct -> Ft-A run as a chain on 2 Ray Train
+    workers from its tested checkpoint. The kd run's teacher IoU, evaluated by 2 workers each on its
+    share of the test split, must equal the teacher's own single-process test IoU."""
     from xmodal.engine.config import build_config
-    from xmodal.report.runs import render_run_report
+    from xmodal.engine.plain import run_plain
     from xmodal.engine.runner import run_experiment
+    from xmodal.report.runs import render_run_report
 
+    base = {
+        "method": "supervised",
+        "method_settings": {"input": "optical"},
+        # Batch 1: several DDP steps per epoch on the 6 training tiles (a parameter left out of
+        # the loss only fails DDP from the second step on). Depth 5: no unused ResNet stages.
+        "data": {"root": str(tiny_world), "tile_size": 64, "batch_size": 1},
+        "model": {"arch": "unet", "encoder": "resnet18", "decoder_channels": [16, 8, 8, 8, 8]},
+        "train": {"epochs": 1, "lr": 0.003},
+        "run": {"storage": str(tmp_path / "runs"), "panels": 0},
+    }
+    (teacher,) = run_plain(build_config({**base, "name": "kd-chain/teacher"}), log=lambda line: None)
     config = build_config(
         {
+            **base,
             "name": "kd-chain",
-            "method": "supervised",
-            "method_settings": {"input": "optical"},
-            # Batch 1: several DDP steps per epoch on the 6 training tiles (a parameter left out of
-            # the loss only fails DDP from the second step on). Depth 5: no unused ResNet stages.
-            "data": {"root": str(tiny_world), "tile_size": 64, "batch_size": 1},
-            "model": {"arch": "unet", "encoder": "resnet18", "decoder_channels": [16, 8, 8, 8, 8]},
-            "train": {"epochs": 1, "lr": 0.003},
             "scaling": {"num_workers": 2, "cpus_per_worker": 1},
-            "run": {"storage": str(tmp_path / "runs"), "panels": 0},
+            "inputs": {"teacher": teacher.checkpoint},
             "phases": [
-                {"name": "teacher"},
-                {"name": "reconstruct", "inputs": {"teacher": "teacher"}, "overrides": {"method": "kd", "method_settings": {"layers": "int"}}},
+                {"name": "reconstruct", "overrides": {"method": "kd", "method_settings": {"layers": "int"}}},
                 {
                     "name": "ft_a",
                     "inputs": {"student": "reconstruct"},
@@ -229,7 +237,7 @@ def test_teacher_reconstruct_finetune_chain_on_two_workers(tiny_world: Path, tmp
             ],
         }
     )
-    teacher, reconstruct, finetune = run_experiment(config)
+    reconstruct, finetune = run_experiment(config)
     assert 0 <= reconstruct.metrics["test/iou"] <= 1 and "test/cosine/encoder.stage1" in reconstruct.metrics
     assert reconstruct.metrics["test/teacher/iou"] == pytest.approx(teacher.metrics["test/iou"], abs=1e-6)
     assert (Path(reconstruct.checkpoint) / "exports" / "model.pt").is_file()

@@ -66,6 +66,14 @@ def test_ray_data_reads_the_packed_store(tiny_world: Path, tmp_path: Path, ray_l
     rows = sorted(build_dataset(prepared, "test").take_all(), key=lambda r: int(r["index"]))
     plain = np.concatenate([b["mask"] for b in iterate_numpy(prepared, "test")])
     np.testing.assert_array_equal(np.stack([r["mask"] for r in rows]), plain)
+    # The labelled stream from whole Parquet parts: repeated to the main stream's length.
+    from xmodal.data.pipeline import build_datasets
+
+    few = prepare_data(settings(tmp_path / "packed", labels=LabelSettings(count=2))).for_method(keep_unlabelled=True, views=1)
+    datasets = build_datasets(few, ("train",), streams=("labelled",))
+    extra, main = datasets["train_labelled"].take_all(), datasets["train"].take_all()
+    assert len(extra) == len(main) and {int(r["index"]) for r in extra} == {r["index"] for r in few.labelled_records()}
+    assert sum(int(r["labelled"]) for r in main) == 2 and all(r["labelled"] == 1 for r in extra)
 
 
 def test_data_settings_errors(tiny_world: Path, tmp_path: Path):

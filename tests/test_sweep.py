@@ -1,8 +1,9 @@
-"""Sweeps: config validation, search spaces, resumable searchers, local Ray set-up, reports.
+"""Sweeps: config validation, search spaces, chain sweeps, resumable searchers, local Ray set-up, reports.
 
-None of these tests starts Ray. The full path (one command,
-two knobs, a Train worker killed and resumed from its checkpoint, the report) runs as a job on a
-Ray head in tests/test_cluster.py, so nothing here touches the session's ``ray_local``.
+None of these tests starts Ray. The full path (one command, a chain sweep with a per-phase key and
+2 seeds sharing its pretraining, a Train worker killed and resumed from its checkpoint, the report)
+runs as a job on a Ray head in tests/test_cluster.py, so nothing here touches the session's
+``ray_local``.
 """
 
 from __future__ import annotations
@@ -368,32 +369,3 @@ def test_chain_sweep_keys_address_a_phase_after_its_own_overrides(tmp_path: Path
         raw["sweep"]["parameters"] = {key: [0.1]}
         with pytest.raises(ConfigError, match=message):
             load_sweep(raw)
-
-
-@pytest.mark.ray
-def test_a_chain_sweep_runs_end_to_end_sharing_its_pretraining(tiny_world: Path, tmp_path: Path):
-    """`xmodal sweep` in its own process over a two-phase chain with a per-phase swept key and 2
-    seeds: every trial runs the chain, the pretraining both trials share runs once, trials report the
-    finetuning's tested checkpoint, and the report shows mean +- s.e. over the seeds."""
-    import subprocess
-    import sys
-
-    import yaml
-
-    config = tmp_path / "chain.yaml"
-    config.write_text(yaml.safe_dump(chain_sweep_dict(tiny_world, tmp_path / "sweeps")))
-    done = subprocess.run([sys.executable, "-m", "xmodal.cli.main", "sweep", str(config)], capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    folder = tmp_path / "sweeps" / "chain"
-    trials = load_trials(folder)
-    assert len(trials) == 2 and {t["state"] for t in trials} == {"TERMINATED"} and {t["seed"] for t in trials} == {0, 1}
-    shared = [json.loads(t["final"]["phase_runs"])["pretrain"] for t in trials]
-    assert shared[0] == shared[1] and shared[0].startswith("shared/pretrain-")
-    assert len(list((folder / "results" / "shared").glob("pretrain-*/run.json"))) == 1, "the shared pretraining ran once"
-    assert "reuses shared/pretrain-" in done.stdout + done.stderr
-    for trial in trials:
-        summary = json.loads((Path(trial["final"]["results_dir"]) / "run.json").read_text())
-        assert summary["inputs"]["start"]["run"] == shared[0] and summary["checkpoint"] == trial["final"]["checkpoint_path"]
-        assert summary["train"]["lr"] == 0.002 and summary["train"]["seed"] == trial["seed"]
-    report = (folder / "report" / "report.md").read_text()
-    assert "| 0.002 | 2 |" in report and " +- " in report

@@ -93,10 +93,8 @@ def prepare_run_data(config: ExperimentConfig) -> tuple[PreparedData, DataSpec, 
 
 
 def build_method(config: ExperimentConfig, spec: DataSpec) -> Method:
-    """Instantiate the configured method (after checking it can use the data)."""
-    method_cls = get_method(config.method)
-    method_cls.check_data(config.method_settings, spec)
-    return method_cls(config.method_settings, config.model, config.train, spec)
+    """Instantiate the configured method (its data was checked by :func:`prepare_run_data`)."""
+    return get_method(config.method)(config.method_settings, config.model, config.train, spec)
 
 
 def metric_spec(config: ExperimentConfig, spec: DataSpec | None) -> MetricSpec:

@@ -95,7 +95,9 @@ def segmentation_rows(
     classes: int,
     limit: int,
 ) -> list[PanelRow]:
-    """Rows of optical | SAR (first band, dB) | truth | prediction for the first ``limit`` tiles of a batch."""
+    """Rows of optical | SAR (first band, dB) | truth | prediction for the first ``limit`` tiles of a
+    batch; the prediction is blanked where the truth is unknown (no data: not scored either)."""
+    prediction = np.where(truth >= classes, truth, prediction)
     rows = []
     for i in range(min(limit, truth.shape[0])):
         rows.append(
