@@ -88,3 +88,25 @@ def test_bench_commands_print_their_ratios(tmp_path: Path, capsys):
     assert code == 0 and figures["ray_data_cached"]["ratio_vs_dataloader"] > 0 and figures["raw_decode_tiles_per_s"] > 0
     code, out, _ = run(["bench", "train", "--tiles", "16", "--epochs", "2"], capsys)
     assert code == 0 and "ratio" in out and "ms/step" in out
+
+
+def test_train_plain_runs_a_chain_without_ray(tiny_world: Path, tmp_path: Path, capsys):
+    """`xmodal run CONFIG --plain`: a two-phase chain in this process; `--phase` reruns one phase
+    from the other's finished run."""
+    import yaml
+
+    config = tmp_path / "chain.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "cli-chain", "method": "supervised", "method_settings": {"input": "optical"},
+        "data": {"root": str(tiny_world), "tile_size": 64, "batch_size": 4},
+        "model": {"arch": "unet", "encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 8]},
+        "train": {"epochs": 1}, "run": {"storage": str(tmp_path / "runs"), "panels": 0},
+        "phases": [{"name": "optical"}, {"name": "sar", "inputs": {"start": "optical"}, "overrides": {"method_settings": {"input": "sar", "init": "start"}}}],
+    }))
+    code, out, err = run(["run", str(config), "--plain"], capsys)
+    assert code == 0, err
+    assert "cli-chain/optical: test/" in out and "cli-chain/sar: test/" in out
+    code, out, err = run(["run", str(config), "run.panels=1", "--plain", "--phase", "sar"], capsys)
+    assert code == 0 and "cli-chain/optical" not in out and "cli-chain/sar: test/" in out, err
+    code, _, err = run(["run", str(config), "--plain", "--phase", "nope"], capsys)
+    assert code == 2 and "--phase ['nope']: not phases" in err
