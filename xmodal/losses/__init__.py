@@ -4,7 +4,7 @@ Imports only torch and :mod:`xmodal.errors`; methods compose these. See each mod
 its defaults and the library it is tested against.
 """
 
-from xmodal.losses.contrastive import info_nce, nt_xent, supervised_contrastive
+from xmodal.losses.contrastive import info_nce, multiview_info_nce, nt_xent, supervised_contrastive, view_pairs
 from xmodal.losses.cosine import REDUCTIONS, layer_cosine, reconstruction_loss
 from xmodal.losses.margin import margin_contrastive
 from xmodal.losses.segmentation import pixel_cross_entropy, predict_classes, segmentation_loss, soft_dice_loss
@@ -16,6 +16,7 @@ __all__ = [
     "info_nce",
     "layer_cosine",
     "margin_contrastive",
+    "multiview_info_nce",
     "nt_xent",
     "pixel_cross_entropy",
     "predict_classes",
@@ -25,4 +26,5 @@ __all__ = [
     "sliced_wasserstein",
     "soft_dice_loss",
     "supervised_contrastive",
+    "view_pairs",
 ]

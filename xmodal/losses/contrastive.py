@@ -8,6 +8,8 @@ Every function L2-normalises its inputs, so similarities are cosines divided by 
   every data-parallel worker while the queries stay local.
 * :func:`nt_xent` is SimCLR's loss over both views (negatives from both).
 * :func:`supervised_contrastive` is Khosla et al.'s SupCon (paper 002 pretrains its EO encoder with it).
+* :func:`multiview_info_nce` is contrastive multiview coding's full graph (paper 001, Eq. 2): the
+  directed InfoNCE term of every ordered pair of views, summed or averaged.
 
 References checked in ``tests/losses/test_contrastive.py``: ``pytorch_metric_learning.losses.NTXentLoss``
 (one directed pair, ``ref_emb``; and NT-Xent over both views) and ``SupConLoss``.
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from typing import Callable, Sequence
 
 from xmodal.errors import ConfigError
 
@@ -114,3 +118,50 @@ def supervised_contrastive(
     mean_log_probability = torch.where(positive, log_probability, torch.zeros_like(log_probability)).sum(1)[has_positive] / counts[has_positive]
     scale = temperature / (base_temperature if base_temperature is not None else temperature)
     return -scale * mean_log_probability.mean()
+
+
+def view_pairs(count: int, groups: Sequence[object] | None = None, same_group: bool = True) -> list[tuple[int, int]]:
+    """Ordered pairs ``(a, b)``, ``a != b``, of ``count`` views; with ``same_group=False`` pairs of
+    views in the same group (e.g. two augmentations of one modality) are left out."""
+    pairs = [(a, b) for a in range(count) for b in range(count) if a != b]
+    if groups is not None and not same_group:
+        pairs = [(a, b) for a, b in pairs if groups[a] != groups[b]]
+    return pairs
+
+
+def multiview_info_nce(
+    views: Sequence[torch.Tensor],
+    temperature: float,
+    pairs: Sequence[tuple[int, int]],
+    *,
+    reduction: str = "mean",
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    offset: int = 0,
+) -> tuple[torch.Tensor, dict[tuple[int, int], torch.Tensor]]:
+    """The full-graph loss of contrastive multiview coding over ordered view pairs.
+
+    For each ordered pair ``(a, b)``: the directed term :func:`info_nce` with the queries of view a
+    and the keys of view b (negatives: the other samples of view b).
+
+    Args:
+        views: V tensors of N x D embeddings, row i of every view from the same sample.
+        temperature: Softmax temperature (> 0).
+        pairs: Ordered pairs of view indices (see :func:`view_pairs`).
+        reduction: ``sum`` (paper 001, Eq. 2) or ``mean`` over the pairs (the scale does not grow with
+            the number of views).
+        gather: Collects the keys of every data-parallel worker (``MethodContext.all_gather``), so
+            negatives come from the whole global batch; ``None``: this worker's batch only.
+        offset: Row of this worker's first sample among the gathered keys (rank x batch).
+
+    Returns:
+        (loss, {pair: directed term}).
+    """
+    if reduction not in ("sum", "mean"):
+        raise ConfigError(f"multiview_info_nce reduction={reduction!r}; expected sum or mean")
+    if not pairs:
+        raise ConfigError("multiview_info_nce: no view pairs (at least two views are needed)")
+    keys = [gather(view) if gather is not None else view for view in views]
+    positives = torch.arange(views[0].shape[0], device=views[0].device) + offset
+    terms = {(a, b): info_nce(views[a], keys[b], temperature, positives) for a, b in pairs}
+    total = torch.stack(list(terms.values())).sum()
+    return (total / len(terms) if reduction == "mean" else total), terms
