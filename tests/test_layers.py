@@ -24,7 +24,7 @@ ALLOWED = {
     "cli": {"data", "models", "methods", "engine", "tune", "report", "bench", "cli"},
 }
 SHARED = {"errors", "settings"}  # leaf modules every layer may use
-METHOD_PLUMBING = {"base", "registry", "optim", "exports", "inputs", "metrics", "panels"}
+METHOD_PLUMBING = {"base", "registry", "optim", "exports", "inputs", "metrics", "panels", "summaries"}
 RAY_FREE = {"data", "models", "losses", "methods", "figures", "report"}
 
 

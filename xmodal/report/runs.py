@@ -354,7 +354,8 @@ def _csv_lines(tables: list[FilledTable], others: list[dict[str, Any]]) -> list[
 
 
 def build_report(runs: list[dict[str, Any]], lookup: Callable[[str], list[tuple[dict[str, Any], Classifier | None]]] | None = None) -> tuple[list[FilledTable], list[dict[str, Any]]]:
-    """The tables the runs' methods declare, filled, and the runs no table claimed."""
+    """The tables the runs' methods declare that at least one run lands in, filled, and the runs no
+    table claimed."""
     lookup = lookup or method_tables()
     declared: dict[str, tuple[dict[str, Any], Classifier | None]] = {}
     for run in runs:
@@ -363,7 +364,8 @@ def build_report(runs: list[dict[str, Any]], lookup: Callable[[str], list[tuple[
     tables, claimed = [], set()
     for spec, classifier in declared.values():
         table, taken = fill_table(spec, classifier, runs)
-        tables.append(table)
+        if taken:  # a table no run lands in would only repeat the paper
+            tables.append(table)
         claimed |= taken
     return tables, [run for index, run in enumerate(runs) if index not in claimed]
 

@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from xmodal.methods.summaries import label_share, recorded_input
+
 PAPER_LAYER_SETS = ("mid", "fin", "mid+fin", "int")
 
 # Columns of Table 2: architecture + the encoder names that stand for the paper's backbone.
@@ -102,19 +104,11 @@ def _layer_row(layers: Any) -> str:
     return f"layers[{text}]"
 
 
-def _recorded_source(run: dict[str, Any], init: str | None) -> tuple[str | None, str | None]:
-    """(run name, checkpoint) the summary records for input ``init``."""
-    recorded = (run.get("inputs") or {}).get(init) if init else None
-    if isinstance(recorded, dict):
-        return recorded.get("run"), recorded.get("checkpoint")
-    return None, recorded if isinstance(recorded, str) else None
-
-
 def _source_kd_run(run: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The kd run a finetuning run started from: the recorded input run, else its checkpoint path,
     else (summaries written before runs recorded their sources) the phase names of its chain."""
     kd_runs = [r for r in runs if r.get("method") == "kd"]
-    source_name, checkpoint = _recorded_source(run, (run.get("method_settings") or {}).get("init"))
+    source_name, checkpoint = recorded_input(run, (run.get("method_settings") or {}).get("init"))
     if source_name:
         return next((r for r in kd_runs if r.get("name") == source_name), None)
     if checkpoint:
@@ -132,16 +126,6 @@ def _source_kd_run(run: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str,
             if (candidate.get("method_settings") or {}).get("layers") == wanted:
                 return candidate
     return siblings[0] if len(siblings) == 1 else None
-
-
-def label_share(run: dict[str, Any]) -> str | None:
-    """``@0.05`` / ``@n32``-style suffix of a run trained on a labelled subset (None: all labels)."""
-    data = run.get("data") or {}
-    labels = data.get("labels") or {}
-    if labels.get("count") is not None:
-        return f"n{labels['count']}"
-    fraction = labels.get("fraction", data.get("label_fraction", 1.0))
-    return f"{fraction:g}" if fraction is not None and fraction < 1.0 else None
 
 
 def classify_run(run: dict[str, Any], runs: list[dict[str, Any]]) -> tuple[str, str] | None:
