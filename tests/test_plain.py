@@ -30,8 +30,10 @@ def test_plain_loop_tests_the_best_validation_epoch(tiny_world: Path, tmp_path: 
     (result,) = run_plain(config, log=lines.append)
     epochs = [line for line in lines if " epoch " in line]
     assert len(epochs) == 3
-    per_epoch = [float(line.split("val/iou ", 1)[1].split()[0]) for line in epochs]
-    best = max(range(3), key=lambda i: per_epoch[i])
+    printed = [float(line.split("val/iou ", 1)[1].split()[0]) for line in epochs]
+    per_epoch = [row["val/iou"] for row in result.summary["history"]]  # exact: printed values may tie when rounded
+    assert printed == pytest.approx(per_epoch, abs=5e-5)
+    best = max(range(3), key=lambda i: (per_epoch[i], -i))  # the first of equal epochs stays best
     assert result.summary["tested_epoch"] == best + 1
     assert result.metrics["val/iou"] == pytest.approx(per_epoch[best], abs=5e-5)
     assert 0.0 <= result.metrics["test/iou"] <= 1.0 and len(result.summary["history"]) == 3
