@@ -87,6 +87,19 @@ def test_unlabelled_tiles_are_kept_with_labels_withheld_or_dropped(tiny_world: P
     assert logits.grad.abs().max() == 0
 
 
+def test_a_full_epoch_draws_the_labelled_tiles_to_the_size_of_the_training_split(tiny_world: Path):
+    subset = prepare_data(world_settings(tiny_world, count=3, epoch="full"))
+    train = subset.manifest.split("train")
+    records = subset.records("train")
+    ids = [r["tile_id"] for r in records]
+    assert len(records) == len(train) and len(set(ids)) == 3 and set(ids) == {r["tile_id"] for r in subset.labelled_records()}
+    counts = Counter(ids).values()
+    assert max(counts) - min(counts) <= 1  # every labelled tile as evenly as possible
+    assert len(prepare_data(world_settings(tiny_world, count=3)).records("train")) == 3
+    with pytest.raises(ConfigError, match="data.labels.epoch='x'"):
+        LabelSettings(epoch="x")
+
+
 def test_methods_decide_whether_unlabelled_tiles_stay(tiny_world: Path, tmp_path: Path):
     base = {
         "name": "x", "data": {"root": str(tiny_world), "tile_size": 64, "batch_size": 2, "labels": {"fraction": 0.5}},

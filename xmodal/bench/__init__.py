@@ -71,7 +71,6 @@ def bench_data(data_root: str | None = None, tiles: int = 256, epochs: int = 3, 
     """Throughput of raw decoding, a plain DataLoader, and Ray Data into a Train worker."""
     from xmodal.data.pipeline import build_dataset
     from xmodal.data.torch_data import torch_loader
-    from xmodal.data.transforms import Decoder
 
     root = _bench_data_root(data_root, tiles)
     settings = DataSettings(root=root, batch_size=batch_size, mask_layer="buildings")
@@ -80,7 +79,7 @@ def bench_data(data_root: str | None = None, tiles: int = 256, epochs: int = 3, 
     cores = os.cpu_count() or 1
     figures: dict[str, Any] = {"tiles_per_epoch": len(records), "epochs": epochs, "cores": cores, "batch_size": batch_size, "data": root}
 
-    decoder = Decoder(prepared.info, prepared.manifest.data_root, settings.load_options(), settings.sar_db)
+    decoder = prepared.decoder()
     started = time.perf_counter()
     for record in records:
         decoder(record)

@@ -18,6 +18,7 @@ import numpy as np
 from xmodal.errors import ConfigError, DataError
 
 UNLABELLED_MODES = ("auto", "keep", "drop")
+EPOCH_MODES = ("subset", "full")
 
 
 @dataclass
@@ -32,6 +33,11 @@ class LabelSettings:
             of the subset proportional to its size (largest remainders, so the total is exact).
         unlabelled: ``drop`` the other tiles, ``keep`` them with labels withheld, or ``auto``
             (keep them when the method learns from unlabelled tiles).
+        epoch: With the other tiles dropped, what one training epoch is: ``subset`` (one pass over
+            the labelled tiles) or ``full`` (the labelled tiles drawn, each as evenly as possible, to
+            as many samples as the whole training split has), so that a run on 32 labelled tiles
+            takes as many optimiser steps as one on all of them, or as a method that keeps the
+            unlabelled tiles (few-shot comparisons at equal training budget).
     """
 
     fraction: float = 1.0
@@ -39,6 +45,7 @@ class LabelSettings:
     seed: int = 0
     stratify: bool = False
     unlabelled: str = "auto"
+    epoch: str = "subset"
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
@@ -50,6 +57,8 @@ class LabelSettings:
                 raise ConfigError(f"data.labels: give fraction ({self.fraction}) or count ({self.count}), not both")
         if self.unlabelled not in UNLABELLED_MODES:
             raise ConfigError(f"data.labels.unlabelled={self.unlabelled!r}; expected one of {list(UNLABELLED_MODES)}")
+        if self.epoch not in EPOCH_MODES:
+            raise ConfigError(f"data.labels.epoch={self.epoch!r}; expected one of {list(EPOCH_MODES)}")
 
     @property
     def is_subset(self) -> bool:
@@ -58,7 +67,8 @@ class LabelSettings:
 
     def describe(self) -> dict[str, Any]:
         """The subset as recorded in a run's summary and fingerprint."""
-        return {"fraction": self.fraction, "count": self.count, "seed": self.seed, "stratify": self.stratify}
+        described = {"fraction": self.fraction, "count": self.count, "seed": self.seed, "stratify": self.stratify}
+        return described if self.epoch == "subset" else {**described, "epoch": self.epoch}  # old runs keep their fingerprint
 
 
 def _allocate(sizes: np.ndarray, total: int) -> np.ndarray:

@@ -22,7 +22,7 @@ import ray
 from xmodal.data.prepared import PreparedData
 from xmodal.data.stats import convert_sar
 from xmodal.data.store import PACKED_READER, decode_row
-from xmodal.data.transforms import Decoder, Preparer, stack, unstack, withhold_labels
+from xmodal.data.transforms import Preparer, stack, unstack, withhold_labels
 
 TRAIN = "train"
 LABELLED_STREAM = "train_labelled"
@@ -45,7 +45,7 @@ _MIN_BLOCKS = 8
 
 def _decode_batch(batch: dict[str, np.ndarray], prepared: PreparedData) -> dict[str, np.ndarray]:
     """A batch of manifest records -> stacked decoded arrays."""
-    decoder = Decoder(prepared.info, prepared.manifest.data_root, prepared.settings.load_options(), prepared.settings.sar_db)
+    decoder = prepared.decoder()
     columns = list(batch)
     count = len(batch[columns[0]])
     records = [{column: _scalar(batch[column][i]) for column in columns} for i in range(count)]
@@ -75,7 +75,7 @@ def _decode_packed_batch(
         arrays["optical_valid"] = (arrays["optical_valid"] & np.isfinite(arrays["optical"]).all(axis=0)).astype(np.uint8)
         arrays["label"] = np.int64(row["scene_label"])
         arrays["index"] = np.int64(indices[str(row["tile_id"])])
-        samples.append(withhold_labels(arrays, labelled[str(row["tile_id"])], info.ignore_index))
+        samples.append(withhold_labels(arrays, labelled[str(row["tile_id"])], info.ignore_index, prepared.optical_labels))
     return stack(samples)
 
 

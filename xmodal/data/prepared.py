@@ -19,7 +19,7 @@ from xmodal.data.manifest import DATASET_FILE, STATS_FILE, Manifest
 from xmodal.data.readers.base import LoadOptions, detect_reader
 from xmodal.data.splits import check_no_leakage
 from xmodal.data.stats import DatasetStats, compute_stats, load_stats, save_stats
-from xmodal.data.transforms import AugmentSettings
+from xmodal.data.transforms import AugmentSettings, Decoder
 from xmodal.errors import ConfigError, DataError
 
 
@@ -88,6 +88,8 @@ class PreparedData:
         keep_unlabelled: Keep the training tiles outside the labelled subset (labels withheld)
             rather than dropping them (resolved from ``data.labels.unlabelled`` and the method).
         views: Augmented views of each training tile.
+        optical_labels: Give every sample an ``optical_label`` the labelled subset never withholds
+            (EO -> SAR transfer: the subset counts SAR labels, every optical tile is labelled).
     """
 
     manifest: Manifest
@@ -95,6 +97,7 @@ class PreparedData:
     settings: DataSettings
     keep_unlabelled: bool = False
     views: int = 1
+    optical_labels: bool = False
 
     @property
     def info(self):
@@ -110,20 +113,28 @@ class PreparedData:
     def records(self, split: str) -> list[dict[str, Any]]:
         """Records of ``split``, each with a ``labelled`` flag.
 
-        For ``train`` with a labelled subset: the labelled tiles only, or (``keep_unlabelled``)
-        every tile with ``labelled`` False outside the subset.
+        For ``train`` with a labelled subset: the labelled tiles only (``data.labels.epoch: full``:
+        oversampled to the size of the whole split), or (``keep_unlabelled``) every tile with
+        ``labelled`` False outside the subset.
         """
         records = self.manifest.split(split)
-        if split != "train" or not self.settings.labels.is_subset:
+        labels = self.settings.labels
+        if split != "train" or not labels.is_subset:
             return [{**r, "labelled": True} for r in records]
         chosen = set(self._labelled_positions().tolist())
         if not self.keep_unlabelled:
-            return [{**records[i], "labelled": True} for i in sorted(chosen)]
+            subset = [{**records[i], "labelled": True} for i in sorted(chosen)]
+            if labels.epoch == "full" and subset:
+                return [subset[i] for i in oversample(len(subset), len(records), labels.seed)]
+            return subset
         return [{**r, "labelled": i in chosen} for i, r in enumerate(records)]
 
     def labelled_records(self) -> list[dict[str, Any]]:
-        """The training tiles that keep their labels."""
-        return [r for r in self.records("train") if r["labelled"]]
+        """The training tiles that keep their labels (each once)."""
+        records = self.manifest.split("train")
+        if not self.settings.labels.is_subset:
+            return [{**r, "labelled": True} for r in records]
+        return [{**records[i], "labelled": True} for i in sorted(set(self._labelled_positions().tolist()))]
 
     def labelled_stream(self) -> list[dict[str, Any]]:
         """The labelled stream of one epoch: the labelled tiles oversampled (seeded) to as many
@@ -132,9 +143,14 @@ class PreparedData:
         order = oversample(len(labelled), len(self.records("train")), self.settings.labels.seed)
         return [labelled[i] for i in order]
 
-    def for_method(self, keep_unlabelled: bool, views: int) -> "PreparedData":
+    def for_method(self, keep_unlabelled: bool, views: int, optical_labels: bool = False) -> "PreparedData":
         """This dataset as a method with these needs reads it."""
-        return PreparedData(self.manifest, self.stats, self.settings, keep_unlabelled=keep_unlabelled, views=views)
+        return PreparedData(self.manifest, self.stats, self.settings, keep_unlabelled=keep_unlabelled, views=views, optical_labels=optical_labels)
+
+    def decoder(self) -> Decoder:
+        """The record decoder of this dataset as the method reads it."""
+        settings = self.settings
+        return Decoder(self.info, self.manifest.data_root, settings.load_options(), settings.sar_db, keep_optical_label=self.optical_labels)
 
     def num_classes(self) -> int:
         """Classes of the mask layer (or scene classes when no mask layer is used)."""

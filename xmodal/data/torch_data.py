@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from xmodal.data.prepared import PreparedData
-from xmodal.data.transforms import Decoder, Preparer, stack
+from xmodal.data.transforms import Preparer, stack
 
 
 class TileDataset(torch.utils.data.Dataset):
@@ -31,7 +31,7 @@ class TileDataset(torch.utils.data.Dataset):
         self.records = prepared.records(split) if records is None else records
         self.views = prepared.views if train else 1
         settings = prepared.settings
-        self.decoder = Decoder(prepared.info, prepared.manifest.data_root, settings.load_options(), settings.sar_db)
+        self.decoder = prepared.decoder()
         self.preparer = Preparer(prepared.info, prepared.stats, settings.tile_size, settings.augment if train else None, settings.clip_sigma)
         self.seed = seed
 

@@ -75,13 +75,18 @@ class Decoder:
         data_root: Folder record paths are relative to.
         options: Which label layers to read.
         sar_db: Convert SAR intensity bands to dB.
+        keep_optical_label: Give every sample an ``optical_label`` that the labelled subset never
+            withholds (see :func:`withhold_labels`).
     """
 
-    def __init__(self, info: DatasetInfo, data_root: str | Path, options: LoadOptions, sar_db: bool) -> None:
+    def __init__(
+        self, info: DatasetInfo, data_root: str | Path, options: LoadOptions, sar_db: bool, keep_optical_label: bool = False
+    ) -> None:
         self.info = info
         self.data_root = Path(data_root)
         self.options = options
         self.sar_db = sar_db
+        self.keep_optical_label = keep_optical_label
         self.reader = get_reader(info.reader)
 
     def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -103,18 +108,27 @@ class Decoder:
             out["mask"] = sample.mask
         if sample.noisy_mask is not None:
             out["noisy_mask"] = sample.noisy_mask
-        out = withhold_labels(out, bool(record.get("labelled", True)), self.info.ignore_index)
+        out = withhold_labels(out, bool(record.get("labelled", True)), self.info.ignore_index, self.keep_optical_label)
         if self.info.tile_size and sample.shape != (self.info.tile_size, self.info.tile_size):
             # Keep cached blocks fixed-shape: datasets with a nominal tile size pad/crop to it here.
             out = crop_or_pad(out, self.info.tile_size, None, self.info.ignore_index)
         return out
 
 
-def withhold_labels(sample: dict[str, np.ndarray], labelled: bool, ignore_index: int) -> dict[str, np.ndarray]:
+def withhold_labels(
+    sample: dict[str, np.ndarray], labelled: bool, ignore_index: int, keep_optical_label: bool = False
+) -> dict[str, np.ndarray]:
     """Set the ``labelled`` flag; outside a labelled subset, every label becomes unknown (masks all
-    ``ignore_index``, the scene label :data:`~xmodal.data.sample.NO_LABEL`), so no loss can see it."""
+    ``ignore_index``, the scene label :data:`~xmodal.data.sample.NO_LABEL`), so no loss can see it.
+
+    ``keep_optical_label`` first copies the scene label to ``optical_label``, which is never
+    withheld: for EO -> SAR transfer (paper 002) the labelled subset counts the SAR side's labels,
+    while the optical side of every tile is labelled (labelled optical imagery is the plentiful kind).
+    """
     out = dict(sample)
     out["labelled"] = np.uint8(labelled)
+    if keep_optical_label:
+        out["optical_label"] = np.int64(out["label"])
     if not labelled:
         for key in LABEL_KEYS:
             if key in out:

@@ -40,8 +40,8 @@ def data_spec(prepared: PreparedData) -> DataSpec:
         tile_size=prepared.settings.tile_size,
         noisy_layer=prepared.settings.noisy_layer,
         scene_classes=tuple(info.scene_classes),
-        train_tiles=len(train),
-        labelled_tiles=sum(bool(r["labelled"]) for r in train),
+        train_tiles=len({r["tile_id"] for r in train}),
+        labelled_tiles=len(prepared.labelled_records()),
     )
 
 
@@ -63,7 +63,7 @@ def check_needs(config: ExperimentConfig, prepared: PreparedData, needs: DataNee
         raise ConfigError(f"{where} reads masks; set data.mask_layer (dataset layers: {sorted(prepared.info.layers)})")
     if "noisy_mask" in needs.fields and data.noisy_layer is None:
         raise ConfigError(f"{where} reads noisy masks; set data.noisy_layer (dataset layers: {sorted(prepared.info.layers)})")
-    if "label" in needs.fields and not prepared.info.scene_classes:
+    if {"label", "optical_label"} & set(needs.fields) and not prepared.info.scene_classes:
         raise ConfigError(f"{where} reads scene labels, but dataset {prepared.info.name!r} has no scene classes")
     augment = data.augment
     if needs.views > 1 and augment.geometric == "none" and not augment.photometric:
@@ -85,7 +85,7 @@ def prepare_run_data(config: ExperimentConfig) -> tuple[PreparedData, DataSpec, 
     needs = method_needs(config)
     mode = config.data.labels.unlabelled
     keep = needs.unlabelled if mode == "auto" else mode == "keep"
-    prepared = prepare_data(config.data).for_method(keep_unlabelled=keep, views=needs.views)
+    prepared = prepare_data(config.data).for_method(keep_unlabelled=keep, views=needs.views, optical_labels="optical_label" in needs.fields)
     check_needs(config, prepared, needs)
     spec = data_spec(prepared)
     get_method(config.method).check_data(config.method_settings, spec)

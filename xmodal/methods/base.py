@@ -20,7 +20,7 @@ A method never imports Ray or ``torch.distributed`` and never imports another me
 Batches: a dict of tensors on the device. Every sample carries ``sar``, ``optical`` (B x C x H x W),
 ``sar_valid`` / ``optical_valid`` (B x H x W), ``label`` (B), ``index`` (B) and ``labelled`` (B, 0 for
 a tile whose labels are withheld by a labelled subset), plus ``mask`` / ``noisy_mask`` (B x H x W)
-when the data has those layers. With ``views = V > 1`` every per-pixel field of a *training* batch
+when the data has those layers and ``optical_label`` (B, never withheld) when the method reads it. With ``views = V > 1`` every per-pixel field of a *training* batch
 gets a view axis (``sar``: B x V x C x H x W; ``mask``: B x V x H x W): the views of one tile differ
 in their geometric augmentation (shared by its modalities) and their photometric jitter (drawn per
 modality). With ``streams = ("labelled",)`` a training batch also holds ``batch["streams"]["labelled"]``:
@@ -45,7 +45,7 @@ from xmodal.methods.optim import MAIN, OptimSettings, Stepper
 from xmodal.models import recipe_of, unwrap_model
 
 # Batch fields a method may declare it reads.
-FIELDS = ("sar", "optical", "mask", "noisy_mask", "label")
+FIELDS = ("sar", "optical", "mask", "noisy_mask", "label", "optical_label")
 STREAMS = ("labelled",)
 REDUCE_OPS = ("sum", "mean", "max", "min")
 
@@ -131,7 +131,9 @@ class DataNeeds:
 
     Attributes:
         fields: Batch fields it reads (:data:`FIELDS`): ``mask`` needs ``data.mask_layer``,
-            ``noisy_mask`` needs ``data.noisy_layer``, ``label`` needs scene classes.
+            ``noisy_mask`` needs ``data.noisy_layer``, ``label`` needs scene classes;
+            ``optical_label`` (scene classes) is the scene label of the optical side, which a
+            labelled subset never withholds (EO -> SAR transfer, where the subset counts SAR labels).
         views: Augmented views of each training tile (contrastive methods: 2 or more).
         streams: Extra training streams (``labelled``: the labelled subset in lockstep).
         unlabelled: Whether it learns from tiles whose labels are withheld. With
