@@ -369,3 +369,22 @@ def test_chain_sweep_keys_address_a_phase_after_its_own_overrides(tmp_path: Path
         raw["sweep"]["parameters"] = {key: [0.1]}
         with pytest.raises(ConfigError, match=message):
             load_sweep(raw)
+
+
+def test_a_whole_phase_swept_as_named_variants_replaces_its_inputs_and_overrides(tmp_path: Path):
+    from xmodal.engine.config import phase_config
+
+    raw = chain_sweep_dict(tmp_path / "world", tmp_path)
+    raw["sweep"]["parameters"] = {"phases.finetune": {"type": "choice", "values": {
+        "pretrained": {"inputs": {"start": "pretrain"}, "overrides": {"method_settings": {"input": "sar", "init": "start"}, "train": {"lr": 0.02}}},
+        "scratch": {"inputs": {}, "overrides": {"method_settings": {"input": "sar"}}},
+    }}}
+    spec = load_sweep(raw)
+    assert [point["phases.finetune"] for point in spec.grid_points()] == ["pretrained", "scratch"]
+    pretrained = phase_config(*(lambda c: (c, c.phases[1]))(spec.build_trial({"phases.finetune": "pretrained"}, 0, "t")))
+    scratch = phase_config(*(lambda c: (c, c.phases[1]))(spec.build_trial({"phases.finetune": "scratch"}, 0, "t")))
+    assert (pretrained.method_settings.init, dict(pretrained.inputs), pretrained.train.lr) == ("start", {"start": "pretrain"}, 0.02)
+    assert (scratch.method_settings.init, dict(scratch.inputs), scratch.train.lr) == (None, {}, 0.003)
+    raw["sweep"]["parameters"] = {"phases.finetune": {"type": "choice", "values": {"bad": {"method": "kd"}}}}
+    with pytest.raises(ConfigError, match="whole-phase value is a mapping of"):
+        load_sweep(raw)

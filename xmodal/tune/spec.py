@@ -26,7 +26,10 @@ not build are refused with a :class:`~xmodal.errors.ConfigError` naming the key.
 A config with ``phases`` is a chain sweep: every trial runs the whole chain (e.g. pretrain ->
 finetune). ``phases.<name>.<key>`` sweeps a key of one phase, applied after that phase's own
 overrides (``phases.finetune.train.lr``, ``phases.finetune.data.labels.fraction``); keys without the
-prefix change the base every phase inherits. ``seeds`` repeat whole chains. Trials are ranked by the
+prefix change the base every phase inherits. ``phases.<name>`` alone, a ``choice`` whose values
+are mappings of the phase's own fields (``overrides``, ``inputs``), swaps whole variants of a
+phase: each given field replaces the phase's (e.g. the arms of a comparison: transfer method,
+finetuning baseline, training from scratch, one named series each). ``seeds`` repeat whole chains. Trials are ranked by the
 last phase's metric; a phase whose configuration (and inputs) several trials share, such as a
 pretraining that only the finetuning values differ after, runs once and is reused.
 """
@@ -318,6 +321,12 @@ def set_swept(raw: dict[str, Any], key: str, value: Any) -> None:
         return
     for entry in raw.get("phases") or []:
         if isinstance(entry, dict) and entry.get("name") == phase:
+            if not rest:
+                fields = {"overrides", "inputs"}
+                if not isinstance(value, dict) or not set(value) <= fields:
+                    raise ConfigError(f"sweep.parameters.{key}: a whole-phase value is a mapping of {sorted(fields)}, got {value!r}")
+                entry.update(copy.deepcopy(value))
+                return
             overrides = entry.setdefault("overrides", {})
             set_dotted(overrides, rest, value)
             return
@@ -564,6 +573,10 @@ def validate_sweep(spec: SweepSpec, base_config: ExperimentConfig) -> None:
         section = rest.split(".")[0]
         if phase is not None and phase not in phase_names:
             raise ConfigError(f"{spec.source}: sweep.parameters.{param.key}: the config has no phase {phase!r}; phases: {phase_names}")
+        if phase is not None and not rest:
+            if param.type != "choice":
+                raise ConfigError(f"{spec.source}: sweep.parameters.{param.key}: a whole phase is swept as a choice of its variants")
+            continue
         if param.key == "name" or section not in _TOP_LEVEL or section in ("phases", "name", "inputs") or (phase is None and param.key == "phases"):
             raise ConfigError(
                 f"{spec.source}: sweep.parameters.{param.key}: not a config key (sweepable sections: "
@@ -587,7 +600,8 @@ def validate_sweep(spec: SweepSpec, base_config: ExperimentConfig) -> None:
     # Each parameter on its own (with the choices its `when` needs): every choice and both range
     # ends must build, so an error names the key at fault.
     for param in spec.parameters:
-        exists = get_dotted(plain, split_phase_key(param.key)[1], _ABSENT) is not _ABSENT
+        phase, rest = split_phase_key(param.key)
+        exists = (phase is not None and not rest) or get_dotted(plain, rest, _ABSENT) is not _ABSENT
         for value in param.edges():
             params = _consistent({**_enabling(param, spec), param.key: value}, spec)
             if param.key not in params:
