@@ -50,6 +50,8 @@ def make_batch(needs: DataNeeds, seed: int, batch: int = 2, views: int | None = 
         "index": torch.arange(batch),
         "labelled": torch.ones(batch, dtype=torch.uint8),
     }
+    if "optical_label" in needs.fields:
+        out["optical_label"] = out["label"].clone()
     if labelled_stream and "labelled" in needs.streams:
         out["streams"] = {"labelled": make_batch(needs, seed + 100, batch, views, labelled_stream=False)}
     return out
@@ -59,13 +61,15 @@ def random_inputs(method_cls, settings, folder: Path) -> dict[str, Path]:
     """Checkpoint folders holding random exports of what the method declares it reads."""
     inputs = {}
     for name, spec in method_cls.required_inputs(settings).items():
-        channels = SPEC.channels(spec.modality)
+        channels = SPEC.channels(spec.modality) if spec.modality in ("sar", "optical", "both") else 0
         if spec.builder == "segmenter":
             network = build_network("segmenter", **MODEL.segmenter_kwargs(channels, 1))
         elif spec.builder == "encoder":
             network = build_network("encoder", encoder=MODEL.encoder, in_channels=channels, depth=MODEL.encoder_depth)
         elif spec.builder == "classifier":
             network = build_network("classifier", encoder=MODEL.encoder, in_channels=channels, num_classes=3, encoder_depth=MODEL.encoder_depth)
+        elif spec.builder == "dual_encoder_classifier":
+            network = build_network("dual_encoder_classifier", encoder=MODEL.encoder, in_channels={"sar": 2, "optical": 4}, num_classes=3, depth=MODEL.encoder_depth)
         else:
             pytest.fail(f"the contract test cannot make a random {spec.builder!r} export; extend random_inputs")
         save_exports({spec.export: Export(network, spec.modality)}, folder / name)

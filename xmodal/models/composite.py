@@ -82,7 +82,17 @@ class DualEncoderClassifier(_TwoEncoders):
         """Class scores of embeddings from either encoder."""
         return self.classifier(self.dropout(embedding))
 
-    def forward(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Mapping[str, torch.Tensor], modality: str | None = None) -> Any:
+        """Class scores of ``x`` through ``modality``'s encoder; or, for a mapping modality -> batch,
+        ``{modality: (embedding, scores)}`` from one call (one forward for a data-parallel wrapper)."""
+        if isinstance(x, Mapping):
+            out = {}
+            for name, images in x.items():
+                embedding = self.embed(images, name)
+                out[name] = (embedding, self.classify(embedding))
+            return out
+        if modality is None:
+            raise ConfigError("DualEncoderClassifier(x, modality): name the modality of a single batch")
         return self.classify(self.embed(x, modality))
 
 
