@@ -14,7 +14,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from typing import Iterator
 
 import pytest
 import yaml
+from gloo import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -120,12 +120,6 @@ def test_readme_walks_from_empty_cluster_to_report():
 
 
 # ----------------------------------------------------------------------------- a real head
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def marked_processes(marker: str) -> list[int]:

@@ -5,20 +5,18 @@ a pretrain -> finetune chain on 2 Ray Train workers."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo import method_context, process_group, spawn
+from specs import BUILDINGS_32
 from pytorch_metric_learning import losses as pml
 
 from xmodal.errors import ConfigError
 from xmodal.losses import multiview_info_nce, view_pairs
-from xmodal.methods.base import DataSpec, MethodContext, ModelSettings
+from xmodal.methods.base import MethodContext, ModelSettings
 from xmodal.methods.cmc import CmcSettings, ContrastiveMultiview, classify_run, encode_mask
 from xmodal.methods.cmc.paper import TABLE1_IOU, TABLE2_IOU
 from xmodal.methods.exports import load_export_into, save_exports
@@ -26,11 +24,7 @@ from xmodal.methods.optim import OptimSettings
 from xmodal.models import build_network
 
 torch.set_num_threads(1)
-SPEC = DataSpec(
-    sar_channels=2, optical_channels=4, sar_bands=("VV", "VH"), optical_bands=("B02", "B03", "B04", "B08"),
-    num_classes=2, class_names=("background", "building"), mask_layer="buildings", ignore_index=255,
-    sar_mean=(0.0, 0.0), sar_std=(1.0, 1.0), tile_size=32,
-)
+SPEC = BUILDINGS_32
 MODEL = ModelSettings(arch="unet", encoder="resnet18", encoder_depth=3, decoder_channels=[16, 8, 8])
 OPTIM = OptimSettings(epochs=1, lr=0.01, optimizer="sgd", schedule="constant")
 
@@ -125,36 +119,21 @@ def test_the_sar_encoder_export_loads_into_a_segmenters_encoder_and_nothing_else
     assert all(torch.equal(before[k], after[k]) for k in after if not k.startswith("encoder."))
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def gathered_worker(rank: int, port: int, folder: str) -> None:
-    from xmodal.engine.collectives import DistributedCollectives
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with process_group(rank, port):
         torch.manual_seed(0)
         method = ContrastiveMultiview(CmcSettings(), MODEL, OPTIM, SPEC)
-        method.setup(MethodContext(torch.device("cpu"), rank=rank, world_size=2, log=lambda line: None,
-                                   prepare_module=lambda m, **_: torch.nn.parallel.DistributedDataParallel(m),
-                                   collectives=DistributedCollectives(torch.device("cpu"))))
+        method.setup(method_context(rank))
         method.net.eval()  # BatchNorm on running statistics: each sample's embedding independent of the batch
         shard = {k: v[rank * 3 : (rank + 1) * 3] for k, v in batch(6, 2).items()}
         loss = method.contrastive_loss(shard)
         loss.backward()  # DDP averages the gradients over both workers
         torch.save({"loss": float(loss.detach()), "grads": {n: p.grad.clone() for n, p in method.network("cmc").named_parameters() if p.grad is not None}},
                    Path(folder) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_gathered_negatives_over_two_workers_equal_one_worker_on_the_whole_batch(tmp_path: Path):
-    mp.start_processes(gathered_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    spawn(gathered_worker, str(tmp_path))
     torch.manual_seed(0)
     single = make_method()
     single.net.eval()

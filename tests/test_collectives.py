@@ -4,14 +4,12 @@ the engine refuses evaluation metrics that differ between workers."""
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import process_group, spawn
 from torch import nn
 
 from xmodal.engine.collectives import DistributedCollectives
@@ -21,12 +19,6 @@ from xmodal.methods.metrics import MeanMeter, SegmentationMeter
 
 WORLD = 2
 PER_WORKER = 4
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def encoders(seed: int = 0) -> tuple[nn.Module, nn.Module]:
@@ -56,10 +48,7 @@ LOSSES = {"local_negatives": local_negatives_loss, "fully_gathered": fully_gathe
 
 
 def worker(rank: int, port: int, pattern: str, folder: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, port, WORLD):
         context = MethodContext(torch.device("cpu"), rank=rank, world_size=WORLD, collectives=DistributedCollectives(torch.device("cpu")))
         query, key = encoders()
         model = nn.parallel.DistributedDataParallel(nn.ModuleDict({"query": query, "key": key}))
@@ -93,13 +82,11 @@ def worker(rank: int, port: int, pattern: str, folder: str) -> None:
             },
             Path(folder) / f"rank{rank}.pt",
         )
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("pattern", sorted(LOSSES))
 def test_gathered_losses_and_gradients_equal_the_single_process_loss(pattern: str, tmp_path: Path):
-    mp.start_processes(worker, args=(free_port(), pattern, str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    spawn(worker, pattern, str(tmp_path), world=WORLD)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
     query, key = encoders()
@@ -156,20 +143,16 @@ def disagreeing_worker(rank: int, port: int, folder: str) -> None:
         def evaluate(self, batches, panels=0):
             return EvalResult(metrics={"iou": 0.5 + 0.1 * rank})  # each worker its own share: not reduced
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, port, WORLD):
         try:
             evaluate_split(Unreduced(), [], torch.device("cpu"), DistributedCollectives(torch.device("cpu")))
             message = "no error"
         except MethodContractError as exc:
             message = str(exc)
         (Path(folder) / f"rank{rank}.txt").write_text(message)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_engine_refuses_evaluation_metrics_that_differ_between_workers(tmp_path: Path):
-    mp.start_processes(disagreeing_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    spawn(disagreeing_worker, str(tmp_path), world=WORLD)
     message = (tmp_path / "rank0.txt").read_text()
     assert "'iou' is 0.5 on worker 0 but 0.6 on worker 1" in message and "context.all_reduce" in message

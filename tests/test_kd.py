@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from specs import BUILDINGS_32
 
 from xmodal.errors import ConfigError
-from xmodal.methods.base import DataSpec, Export, MethodContext, ModelSettings
+from xmodal.methods.base import Export, MethodContext, ModelSettings
 from xmodal.methods.exports import save_exports
 from xmodal.methods.kd import PAPER_TABLE, KdSettings, KnowledgeDistillation, classify_run, default_switch_epochs
 from xmodal.methods.optim import OptimSettings
@@ -21,11 +22,7 @@ from xmodal.models import build_network
 
 torch.set_num_threads(1)
 
-SPEC = DataSpec(
-    sar_channels=2, optical_channels=4, sar_bands=("VV", "VH"), optical_bands=("B02", "B03", "B04", "B08"),
-    num_classes=2, class_names=("background", "building"), mask_layer="buildings", ignore_index=255,
-    sar_mean=(0.0, 0.0), sar_std=(1.0, 1.0), tile_size=32,
-)
+SPEC = BUILDINGS_32
 MODEL = ModelSettings(arch="unet", encoder="resnet18", encoder_depth=3, decoder_channels=[16, 8, 8])
 SGD = OptimSettings(epochs=4, lr=0.05, optimizer="sgd", weight_decay=0.0, schedule="constant")
 

@@ -6,14 +6,11 @@ checked against POT and pytorch-metric-learning in tests/losses.)"""
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import method_context, process_group, spawn
 
 from xmodal.data.labels import LabelSettings, choose_labelled
 from xmodal.data.prepared import DataSettings, prepare_data
@@ -109,34 +106,19 @@ def test_unlabelled_sar_never_reaches_the_sar_cross_entropy_but_does_reach_the_a
     assert not torch.allclose(before, aligned.transfer_loss(moved)[0])
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def gathered_worker(rank: int, port: int, folder: str) -> None:
-    from xmodal.engine.collectives import DistributedCollectives
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with process_group(rank, port):
         torch.manual_seed(0)
         method = SlicedWassersteinTransfer(SwdSettings(), ModelSettings(encoder="resnet18", encoder_depth=3, norm="instance"), OPTIM, SPEC)
-        method.setup(MethodContext(torch.device("cpu"), rank=rank, world_size=2, log=lambda line: None,
-                                   prepare_module=lambda m, **_: torch.nn.parallel.DistributedDataParallel(m),
-                                   collectives=DistributedCollectives(torch.device("cpu"))))
+        method.setup(method_context(rank))
         shard = {k: v[rank * 4 : (rank + 1) * 4] for k, v in batch().items()}
         loss, _ = method.transfer_loss(shard)
         loss.backward()
         torch.save({n: p.grad.clone() for n, p in method.network("model").named_parameters() if p.grad is not None}, Path(folder) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_workers_train_as_one_process_on_the_global_batch(tmp_path: Path):
-    mp.start_processes(gathered_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    spawn(gathered_worker, str(tmp_path))
     torch.manual_seed(0)
     single = make_method()
     loss, logs = single.transfer_loss(batch())
