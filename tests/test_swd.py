@@ -178,3 +178,27 @@ def test_eo_pretraining_then_transfer_on_two_workers(tiny_world: Path, tmp_path:
     assert history["train/sw"] > 0 and 0 < history["train/labelled_sar"] < 8  # labelled SAR tiles in a global batch of 8
     for name in ("model", "sar_classifier", "optical_classifier", "sar_encoder"):
         assert (Path(transfer.checkpoint) / "exports" / f"{name}.pt").is_file()
+
+
+def test_so2sat_low_rise_classes_train_the_transfer_stage(tmp_path: Path):
+    """Paper 002's data: So2Sat LCZ42 (fixture in the real HDF5 layout) read with the low-rise class
+    subset, complex SAR parts kept linear, one transfer epoch in the plain engine."""
+    from fixtures.so2sat import make_so2sat
+
+    from xmodal.engine.config import build_config
+    from xmodal.engine.plain import run_plain
+
+    root = make_so2sat(tmp_path / "so2sat")
+    config = build_config({
+        "name": "swd-so2sat", "method": "swd", "method_settings": {"stage": "transfer"},
+        "data": {"root": str(root), "mask_layer": None, "sar_db": False, "tile_size": 32, "batch_size": 2,
+                 "reader_options": {"classes": "low-rise"}, "labels": {"count": 2}},
+        "model": {"encoder": "resnet18", "encoder_depth": 3, "norm": "instance"},
+        "train": {"epochs": 1},
+        "run": {"storage": str(tmp_path / "runs"), "panels": 0},
+    })
+    (result,) = run_plain(config, log=lambda line: None)
+    summary = json.loads((Path(result.results_dir) / "run.json").read_text())
+    assert summary["data"]["labelled_tiles"] == 2 and summary["data"]["train_tiles"] > 2
+    assert list(summary["per_class"]["test"]) == ["LCZ 3: compact low-rise", "LCZ 6: open low-rise", "LCZ 7: lightweight low-rise", "LCZ 8: large low-rise"]
+    assert 0.0 <= result.metrics["test/accuracy"] <= 1.0
