@@ -169,29 +169,33 @@ def test_table_one_places_finetunings_by_their_pretraining_source():
 
 @pytest.mark.ray
 def test_sar_eo_pretraining_then_finetuning_on_two_workers(tiny_world: Path, tmp_path: Path, ray_local):
+    """Pretraining through Ray Train on 2 workers (negatives gathered across them); the finetuning
+    from its SAR encoder in the plain engine, its input given as the checkpoint folder; Table I
+    places the finetuning by the run that checkpoint came from."""
     from xmodal.engine.config import build_config
+    from xmodal.engine.plain import run_plain
     from xmodal.engine.runner import run_experiment
     from xmodal.report.runs import render_run_report
 
-    config = build_config({
-        "name": "cmc-chain", "method": "cmc", "method_settings": {"modalities": ["sar", "optical"]},
+    base = {
         "data": {"root": str(tiny_world), "tile_size": 64, "batch_size": 2},
         "model": {"arch": "unet", "encoder": "resnet18", "decoder_channels": [16, 8, 8, 8, 8]},
         "train": {"epochs": 1, "lr": 0.003},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
         "run": {"storage": str(tmp_path / "runs"), "panels": 0},
-        "phases": [
-            {"name": "pretrain"},
-            {"name": "finetune", "inputs": {"pre": "pretrain"}, "overrides": {
-                "method": "supervised", "method_settings": {"input": "sar", "init": "pre", "init_export": "sar_encoder", "init_part": "encoder"}}},
-        ],
-    })
-    pretrain, finetune = run_experiment(config)
+    }
+    (pretrain,) = run_experiment(build_config({
+        **base, "name": "cmc-chain/pretrain", "method": "cmc", "method_settings": {"modalities": ["sar", "optical"]},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+    }))
     assert pretrain.summary["metric"] == "val/loss" and pretrain.summary["metric_labelled"] is False
     assert {"val/loss", "val/retrieval", "test/loss"} <= set(pretrain.metrics)
     assert pretrain.summary["history"][0]["train/negatives"] == 3.0  # 2 per worker x 2 workers, minus the positive
     assert (Path(pretrain.checkpoint) / "exports" / "sar_encoder.pt").is_file()
+    (finetune,) = run_plain(build_config({
+        **base, "name": "cmc-chain/finetune", "method": "supervised", "inputs": {"pre": pretrain.checkpoint},
+        "method_settings": {"input": "sar", "init": "pre", "init_export": "sar_encoder", "init_part": "encoder"},
+    }), log=lambda line: None)
     summary = json.loads((Path(finetune.results_dir) / "run.json").read_text())
-    assert summary["inputs"]["pre"]["run"] == pretrain.name and "test/iou" in summary["metrics"]
+    assert summary["inputs"]["pre"]["checkpoint"] == pretrain.checkpoint and "test/iou" in summary["metrics"]
     text = render_run_report(tmp_path / "runs", echo=False).text
     assert "Table I" in text and "(4) SAR+EO" in text and "unet:resnet18" in text

@@ -19,9 +19,14 @@ def recorded_input(run: dict[str, Any], name: str | None) -> tuple[str | None, s
 
 
 def source_run(run: dict[str, Any], name: str | None, runs: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The summary of the run that produced input ``name`` of ``run``, when it is among ``runs``."""
-    source, _ = recorded_input(run, name)
-    return next((r for r in runs if source and r.get("name") == source), None)
+    """The summary of the run that produced input ``name`` of ``run``, when it is among ``runs``:
+    by the run name recorded (an earlier phase), else by the checkpoint folder (an input given as
+    a path to another run's checkpoint)."""
+    source, checkpoint = recorded_input(run, name)
+    named = next((r for r in runs if source and r.get("name") == source), None)
+    if named is not None or not checkpoint:
+        return named
+    return next((r for r in runs if checkpoint in (r.get("checkpoint"), r.get("last_checkpoint"))), None)
 
 
 def label_share(run: dict[str, Any]) -> str | None:
