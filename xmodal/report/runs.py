@@ -271,10 +271,14 @@ def table_markdown(table: FilledTable) -> str:
 def _labels_text(run: dict[str, Any]) -> str:
     data = run.get("data") or {}
     labels = data.get("labels") or {}
+    # "of N": the run also trained on N - labelled tiles whose labels it did not see.
+    of = f" of {data['train_tiles']}" if (data.get("train_tiles") or 0) > (data.get("labelled_tiles") or 0) else ""
     if labels.get("count") is not None:
-        return f"{labels['count']} tiles"
+        return f"{labels['count']}{of} tiles"
     fraction = labels.get("fraction", data.get("label_fraction"))
-    return "" if fraction is None else f"{fraction:g}"
+    if fraction is None:
+        return ""
+    return "all" if fraction >= 1 else f"{fraction:g} ({data['labelled_tiles']}{of} tiles)" if data.get("labelled_tiles") else f"{fraction:g}"
 
 
 def runs_markdown(runs: list[dict[str, Any]], title: str = "All runs") -> str:
