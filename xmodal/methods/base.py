@@ -76,6 +76,14 @@ class ModelSettings:
         if self.norm not in ("batch", "instance", "none"):
             raise ConfigError(f"model.norm={self.norm!r}; expected batch, instance or none")
 
+    def classifier_kwargs(self, in_channels: int, num_classes: int, input_size: int, **extra: Any) -> dict[str, Any]:
+        """Arguments of ``build_network("classifier", ...)``: this encoder (depth 5 by default) with
+        global pooling and a linear layer; ``input_size`` checks instance norm against 1 x 1 maps."""
+        return {
+            "encoder": self.encoder or "resnet18", "in_channels": in_channels, "num_classes": num_classes,
+            "encoder_depth": self.encoder_depth or 5, "norm": self.norm, "input_size": input_size, **extra,
+        }
+
     def segmenter_kwargs(self, in_channels: int, classes: int) -> dict[str, Any]:
         """Arguments of ``build_network("segmenter", ...)`` for this architecture."""
         return {

@@ -278,7 +278,9 @@ def _labels_text(run: dict[str, Any]) -> str:
     fraction = labels.get("fraction", data.get("label_fraction"))
     if fraction is None:
         return ""
-    return "all" if fraction >= 1 else f"{fraction:g} ({data['labelled_tiles']}{of} tiles)" if data.get("labelled_tiles") else f"{fraction:g}"
+    if fraction >= 1:
+        return "all"
+    return f"{fraction:g} ({data['labelled_tiles']}{of} tiles)" if data.get("labelled_tiles") else f"{fraction:g}"
 
 
 def runs_markdown(runs: list[dict[str, Any]], title: str = "All runs") -> str:

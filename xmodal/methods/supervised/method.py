@@ -120,10 +120,7 @@ class Supervised(Method):
         if self.segmentation:
             network = build_network("segmenter", **self.model_settings.segmenter_kwargs(channels, 1 if self.binary else self.num_classes))
         else:
-            network = build_network(
-                "classifier", encoder=self.model_settings.encoder or "resnet18", in_channels=channels, num_classes=self.num_classes,
-                encoder_depth=self.model_settings.encoder_depth or 5, norm=self.model_settings.norm, input_size=self.data.tile_size,
-            )
+            network = build_network("classifier", **self.model_settings.classifier_kwargs(channels, self.num_classes, self.data.tile_size))
         if settings.init is not None:
             report = load_export_into(network, context.inputs, settings.init, settings.init_export, part=settings.init_part, first_conv=settings.first_conv)
             context.log(f"initialised {settings.init_part} from {settings.init}/{settings.init_export}: {describe_load(report)}")

@@ -162,11 +162,8 @@ class SlicedWassersteinTransfer(Method):
         network = self.network("model")
         out = {"model": Export(network, "sar+optical", "swd Y-net: EO and SAR encoders, shared classifier")}
         for modality in ("sar", "optical"):
-            classifier = build_network(
-                "classifier", encoder=self.model_settings.encoder or "resnet18", in_channels=self.channels[modality],
-                num_classes=len(self.classes), encoder_depth=self.model_settings.encoder_depth or 5, norm=self.model_settings.norm,
-                input_size=self.data.tile_size, dropout=self.settings.dropout,
-            )
+            classifier = build_network("classifier", **self.model_settings.classifier_kwargs(
+                self.channels[modality], len(self.classes), self.data.tile_size, dropout=self.settings.dropout))
             classifier.encoder.load_state_dict(network.encoder(modality).state_dict())
             classifier.head.linear.load_state_dict(network.classifier.state_dict())
             out[f"{modality}_classifier"] = Export(classifier, modality, f"swd {modality} encoder with the shared classifier")
