@@ -111,16 +111,19 @@ def test_gathered_losses_and_gradients_equal_the_single_process_loss(pattern: st
 
 
 def test_meters_match_torchmetrics_in_one_process():
-    from torchmetrics.classification import MulticlassJaccardIndex
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
     generator = torch.Generator().manual_seed(3)
     prediction, target = torch.randint(0, 4, (3, 9, 9), generator=generator), torch.randint(0, 4, (3, 9, 9), generator=generator)
     target[0, 0] = 255
     meter = SegmentationMeter(4, list("abcd"), 255)
     meter.update(prediction, target)
-    _, per_class = meter.compute()
+    metrics, per_class = meter.compute()
     reference = MulticlassJaccardIndex(4, average="none", ignore_index=255)(prediction, target)
     assert [per_class[c]["iou"] for c in "abcd"] == pytest.approx(reference.tolist())
+    # OA and AA (mean per-class recall: CromSS's Table 1, paper 003)
+    assert metrics["accuracy"] == pytest.approx(float(MulticlassAccuracy(4, average="micro", ignore_index=255)(prediction, target)))
+    assert metrics["average_accuracy"] == pytest.approx(float(MulticlassAccuracy(4, average="macro", ignore_index=255)(prediction, target)))
 
 
 def test_single_process_collectives_are_the_identity():

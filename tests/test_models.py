@@ -639,6 +639,7 @@ def test_composites_and_autoencoder_rebuild_from_their_recipes() -> None:
         ("dual_encoder_segmenter", {"arch": "unet", "encoder": "resnet18", "in_channels": {"sar": 2, "optical": 4}, "classes": 9, "encoder_depth": 3, "decoder_channels": [16, 8, 8]}),
         ("autoencoder", {"in_channels": 2, "input_size": 64, "latent_dim": 16, "width": 0.125}),
         ("critic", {"in_features": 16, "hidden": [8, 4]}),
+        ("dual_segmenter", {"arch": "unet", "encoder": "resnet18", "in_channels": {"sar": 2, "optical": 4}, "classes": 9, "encoder_depth": 3, "decoder_channels": [16, 8, 8]}),
     ]
     for name, kwargs in cases:
         torch.manual_seed(0)
@@ -655,6 +656,13 @@ def test_composites_and_autoencoder_rebuild_from_their_recipes() -> None:
     segmenter = build_network(*cases[1][:1], **cases[1][1])
     assert segmenter(sar, "sar").shape == segmenter(optical, "optical").shape == (2, 9, 32, 32)
     assert recipe_of(segmenter.encoder("sar"))["builder"] == "encoder"  # each encoder exports on its own
+    both = segmenter({"sar": sar, "optical": optical})  # every branch in one forward
+    assert torch.equal(both["sar"], segmenter(sar, "sar")) and torch.equal(both["optical"], segmenter(optical, "optical"))
+    late = build_network(*cases[4][:1], **cases[4][1])
+    # Late fusion shares nothing: each branch is a full segmenter, and each encoder still exports alone.
+    assert not set(map(id, late.segmenter("sar").parameters())) & set(map(id, late.segmenter("optical").parameters()))
+    assert late({"sar": sar})["sar"].shape == (2, 9, 32, 32) and recipe_of(late.encoder("optical"))["builder"] == "encoder"
+    assert rebuild_network(recipe_of(late.encoder("sar"))).state_dict().keys() == late.encoder("sar").state_dict().keys()
     autoencoder = build_network(*cases[2][:1], **cases[2][1])
     z, reconstruction = autoencoder(torch.randn(2, 2, 64, 64))
     assert z.shape == (2, 16) and reconstruction.shape == (2, 2, 64, 64)

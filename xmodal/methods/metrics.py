@@ -59,7 +59,8 @@ class SegmentationMeter(ConfusionMeter):
 
         Binary: ``iou`` (foreground IoU over the split), ``f1``, ``precision``, ``recall``,
         ``accuracy``, ``miou`` (mean of both classes). Multi-class: ``miou`` over classes present in
-        the truth or the prediction, ``accuracy`` (overall), per-class IoU.
+        the truth or the prediction, ``accuracy`` (overall, OA), ``average_accuracy`` (AA: the mean
+        recall of the classes present in the truth), per-class IoU and recall.
         """
         matrix = self.total(reduce)
         true_positive = matrix.diag()
@@ -68,11 +69,15 @@ class SegmentationMeter(ConfusionMeter):
         union = true_positive + false_positive + false_negative
         iou = torch.where(union > 0, true_positive / union.clamp(min=1), torch.full_like(union, float("nan")))
         total = matrix.sum().clamp(min=1)
-        per_class = {name: {"iou": float(iou[i]), "pixels": float(matrix[i].sum())} for i, name in enumerate(self.class_names)}
+        support = matrix.sum(1)
+        recall = torch.where(support > 0, true_positive / support.clamp(min=1), torch.full_like(support, float("nan")))
+        per_class = {name: {"iou": float(iou[i]), "recall": float(recall[i]), "pixels": float(support[i])} for i, name in enumerate(self.class_names)}
         metrics = {
             "accuracy": float(true_positive.sum() / total),
             "miou": float(torch.nanmean(iou)) if not torch.isnan(iou).all() else float("nan"),
         }
+        if not self.binary:
+            metrics["average_accuracy"] = float(torch.nanmean(recall)) if not torch.isnan(recall).all() else float("nan")
         if self.binary:
             tp, fp, fn = (float(v[1]) for v in (true_positive, false_positive, false_negative))
             precision = tp / (tp + fp) if tp + fp else 0.0

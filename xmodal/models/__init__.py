@@ -33,7 +33,7 @@ from xmodal.models.factory import (
 )
 from xmodal.models.heads import ClassifierHead, EncoderClassifier, ProjectionHead
 from xmodal.models.networks import build_network, list_networks, rebuild_network, recipe_of, register_network
-from xmodal.models.composite import DualEncoderClassifier, DualEncoderSegmenter  # registers its builders
+from xmodal.models.composite import DualEncoderClassifier, DualEncoderSegmenter, DualSegmenter  # registers its builders
 from xmodal.models.autoencoder import ConvAutoEncoder, CriticMLP  # registers its builders
 from xmodal.models.segnet import SegNet  # registers "segnet" in the factory
 from xmodal.models.taps import (
@@ -54,6 +54,7 @@ __all__ = [
     "CriticMLP",
     "DualEncoderClassifier",
     "DualEncoderSegmenter",
+    "DualSegmenter",
     "build_network",
     "convert_norm",
     "create_encoder",

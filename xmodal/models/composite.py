@@ -8,9 +8,11 @@ exports it, or any of its encoders, with a recipe.
   pooled deepest features), read by one shared linear classifier.
 * :class:`DualEncoderSegmenter`: middle fusion of CromSS (paper 003): two encoders, one shared
   smp decoder and segmentation head.
+* :class:`DualSegmenter`: late fusion of CromSS: two full segmenters, nothing shared.
 
-Both take ``in_channels`` as a mapping modality -> bands (``{"sar": 2, "optical": 4}``) and are called
-as ``net(x, modality)``.
+All take ``in_channels`` as a mapping modality -> bands (``{"sar": 2, "optical": 4}``) and are called
+as ``net(x, modality)``, or as ``net({modality: x, ...})`` for every branch in one forward (one
+forward per step is what a data-parallel wrapper expects of a module with shared parts).
 """
 
 from __future__ import annotations
@@ -96,7 +98,31 @@ class DualEncoderClassifier(_TwoEncoders):
         return self.classify(self.embed(x, modality))
 
 
-class DualEncoderSegmenter(_TwoEncoders):
+def _encoder_with_recipe(segmenter: nn.Module, encoder: str, in_channels: int) -> nn.Module:
+    """A segmenter's encoder, given the recipe of a stand-alone encoder so it exports on its own."""
+    module = segmenter.encoder
+    module.xmodal_recipe = {
+        "builder": "encoder",
+        "kwargs": {"encoder": encoder, "in_channels": in_channels, "depth": segmenter.xmodal_recipe["kwargs"]["encoder_depth"], "norm": "batch"},
+    }
+    return module
+
+
+class _Segmenters(_TwoEncoders):
+    def branch(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor | Mapping[str, torch.Tensor], modality: str | None = None) -> Any:
+        """B x C x H x W scores of ``x`` through ``modality``'s branch; or, for a mapping
+        modality -> batch, ``{modality: scores}`` from one call."""
+        if isinstance(x, Mapping):
+            return {name: self.branch(images, name) for name, images in x.items()}
+        if modality is None:
+            raise ConfigError(f"{type(self).__name__}(x, modality): name the modality of a single batch")
+        return self.branch(x, modality)
+
+
+class DualEncoderSegmenter(_Segmenters):
     """Two encoders with one shared smp decoder and segmentation head (CromSS middle fusion).
 
     Args:
@@ -127,18 +153,54 @@ class DualEncoderSegmenter(_TwoEncoders):
             encoder_depth=encoder_depth, decoder_channels=decoder_channels, **kwargs,
         )
         depth = segmenter.xmodal_recipe["kwargs"]["encoder_depth"]
-        first_encoder = segmenter.encoder
-        first_encoder.xmodal_recipe = {
-            "builder": "encoder",
-            "kwargs": {"encoder": encoder, "in_channels": in_channels[first], "depth": depth, "norm": "batch"},
-        }
+        first_encoder = _encoder_with_recipe(segmenter, encoder, in_channels[first])
         self.encoders = nn.ModuleDict({first: first_encoder, second: create_encoder(encoder, in_channels[second], depth=depth)})
         self.decoder = segmenter.decoder
         self.segmentation_head = segmenter.segmentation_head
 
-    def forward(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+    def branch(self, x: torch.Tensor, modality: str) -> torch.Tensor:
         return self.segmentation_head(self.decoder(self.encoder(modality)(x)))
+
+
+class DualSegmenter(_Segmenters):
+    """Two full smp segmenters of one architecture, one per modality (CromSS late fusion).
+
+    Args: as :class:`DualEncoderSegmenter`.
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        encoder: str,
+        in_channels: Mapping[str, int],
+        classes: int,
+        *,
+        encoder_depth: int | None = None,
+        decoder_channels: list[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        _modalities(in_channels)
+        self.segmenters = nn.ModuleDict({
+            m: create_model(arch, encoder=encoder, in_channels=bands, classes=classes, encoder_depth=encoder_depth, decoder_channels=decoder_channels, **kwargs)
+            for m, bands in in_channels.items()
+        })
+        for m, bands in in_channels.items():
+            _encoder_with_recipe(self.segmenters[m], encoder, bands)
+
+    def segmenter(self, modality: str) -> nn.Module:
+        """The full segmenter of ``modality`` (with its recipe)."""
+        if modality not in self.segmenters:
+            raise ConfigError(f"DualSegmenter has branches for {list(self.segmenters)}, not {modality!r}")
+        return self.segmenters[modality]
+
+    def encoder(self, modality: str) -> nn.Module:
+        return self.segmenter(modality).encoder
+
+    def branch(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        return self.segmenter(modality)(x)
 
 
 register_network("dual_encoder_classifier")(DualEncoderClassifier)
 register_network("dual_encoder_segmenter")(DualEncoderSegmenter)
+register_network("dual_segmenter")(DualSegmenter)

@@ -14,6 +14,7 @@ Registered builders:
 ``encoder``                     :func:`~xmodal.models.factory.create_encoder` (an smp/timm encoder alone)
 ``dual_encoder_classifier``     :class:`~xmodal.models.composite.DualEncoderClassifier` (two encoders, shared head)
 ``dual_encoder_segmenter``      :class:`~xmodal.models.composite.DualEncoderSegmenter` (two encoders, shared decoder)
+``dual_segmenter``              :class:`~xmodal.models.composite.DualSegmenter` (two full segmenters)
 ``autoencoder``                 :class:`~xmodal.models.autoencoder.ConvAutoEncoder` (VGG11-like encoder + decoder)
 ``critic``                      :class:`~xmodal.models.autoencoder.CriticMLP` (fully connected, no BatchNorm)
 ==============================  ==================================================================

@@ -96,7 +96,7 @@ class Supervised(Method):
         if settings.task == "classification":
             return MetricSpec("val/accuracy", "max", labelled=True, report=("test/accuracy", "test/average_accuracy", "test/kappa"))
         if data is not None and data.num_classes > 2:
-            return MetricSpec("val/miou", "max", labelled=True, report=("test/miou", "test/accuracy"))
+            return MetricSpec("val/miou", "max", labelled=True, report=("test/miou", "test/accuracy", "test/average_accuracy"))
         return MetricSpec("val/iou", "max", labelled=True, report=("test/iou", "test/f1", "test/accuracy"))
 
     @classmethod
