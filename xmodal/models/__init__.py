@@ -34,7 +34,7 @@ from xmodal.models.factory import (
 from xmodal.models.heads import ClassifierHead, EncoderClassifier, ProjectionHead
 from xmodal.models.networks import build_network, list_networks, rebuild_network, recipe_of, register_network
 from xmodal.models.composite import DualEncoderClassifier, DualEncoderSegmenter, DualSegmenter  # registers its builders
-from xmodal.models.autoencoder import ConvAutoEncoder, CriticMLP  # registers its builders
+from xmodal.models.autoencoder import ConvAutoEncoder, CriticMLP, DualAutoEncoder  # registers its builders
 from xmodal.models.segnet import SegNet  # registers "segnet" in the factory
 from xmodal.models.taps import (
     LAYER_SETS,
@@ -52,6 +52,7 @@ __all__ = [
     "NORMS",
     "ConvAutoEncoder",
     "CriticMLP",
+    "DualAutoEncoder",
     "DualEncoderClassifier",
     "DualEncoderSegmenter",
     "DualSegmenter",

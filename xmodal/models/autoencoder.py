@@ -10,11 +10,14 @@ a setting (``output_activation``: ``none`` by default, or ``relu``).
 :class:`CriticMLP`: fully connected layers of decreasing width with LeakyReLU(0.2) and no
 normalisation (a Wasserstein critic must not couple samples of a batch, so no BatchNorm), ending
 in one unbounded score.
+
+:class:`DualAutoEncoder`: one :class:`ConvAutoEncoder` per modality, no weights shared, as one
+module (one data-parallel wrapper; ``net({modality: x})`` runs every branch in one forward).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -120,5 +123,49 @@ class CriticMLP(nn.Module):
         return self.layers(z).squeeze(-1)
 
 
+class DualAutoEncoder(nn.Module):
+    """Two autoencoders of one architecture, one per modality (paper 004's SAR and optical branches).
+
+    Args:
+        in_channels: Modality -> input bands (``{"sar": 2, "optical": 4}``).
+        input_size, latent_dim, stages, width, output_activation: as :class:`ConvAutoEncoder`.
+    """
+
+    def __init__(
+        self,
+        in_channels: Mapping[str, int],
+        input_size: int,
+        latent_dim: int = 512,
+        *,
+        stages: Sequence[Sequence[int]] = VGG11_STAGES,
+        width: float = 1.0,
+        output_activation: str = "none",
+    ) -> None:
+        super().__init__()
+        if not isinstance(in_channels, Mapping) or len(in_channels) != 2:
+            raise ConfigError(f"DualAutoEncoder: in_channels={in_channels!r}; expected a mapping of two modalities to band counts")
+        self.autoencoders = nn.ModuleDict({
+            m: ConvAutoEncoder(bands, input_size, latent_dim, stages=stages, width=width, output_activation=output_activation)
+            for m, bands in in_channels.items()
+        })
+        for m, bands in in_channels.items():  # each branch exports on its own
+            self.autoencoders[m].xmodal_recipe = {
+                "builder": "autoencoder",
+                "kwargs": {"in_channels": bands, "input_size": input_size, "latent_dim": latent_dim, "stages": [list(s) for s in stages],
+                           "width": width, "output_activation": output_activation},
+            }
+
+    def autoencoder(self, modality: str) -> ConvAutoEncoder:
+        """The autoencoder of ``modality``."""
+        if modality not in self.autoencoders:
+            raise ConfigError(f"DualAutoEncoder has branches for {list(self.autoencoders)}, not {modality!r}")
+        return self.autoencoders[modality]
+
+    def forward(self, x: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """``{modality: (z, reconstruction)}`` for a mapping modality -> batch."""
+        return {name: self.autoencoder(name)(images) for name, images in x.items()}
+
+
 register_network("autoencoder")(ConvAutoEncoder)
+register_network("dual_autoencoder")(DualAutoEncoder)
 register_network("critic")(CriticMLP)

@@ -16,6 +16,7 @@ Registered builders:
 ``dual_encoder_segmenter``      :class:`~xmodal.models.composite.DualEncoderSegmenter` (two encoders, shared decoder)
 ``dual_segmenter``              :class:`~xmodal.models.composite.DualSegmenter` (two full segmenters)
 ``autoencoder``                 :class:`~xmodal.models.autoencoder.ConvAutoEncoder` (VGG11-like encoder + decoder)
+``dual_autoencoder``            :class:`~xmodal.models.autoencoder.DualAutoEncoder` (one autoencoder per modality)
 ``critic``                      :class:`~xmodal.models.autoencoder.CriticMLP` (fully connected, no BatchNorm)
 ==============================  ==================================================================
 
