@@ -99,10 +99,19 @@ def test_the_autoencoder_update_leaves_the_critic_without_gradient():
     assert {"reconstruction", "adversarial", "critic", "matching"} <= set(logs) and logs["matching"] >= 0
 
 
-def test_hard_negatives_sit_off_centre_and_truth_corners_are_known():
+def test_pairs_negatives_stages_and_truth_corners():
     method = make_method(negative_min_shift=5)
-    corners = method.negative_corners(500, torch.Generator().manual_seed(0))
-    assert ((corners - 16).abs().max(dim=1).values >= 5).all() and corners.min() >= 0 and corners.max() <= 32
+    generator = torch.Generator().manual_seed(0)
+    anchors = method.positive_corners(500, generator)
+    assert len({tuple(c) for c in anchors.tolist()}) > 100  # positives anywhere in the tile, not only at its centre
+    corners = method.negative_corners(anchors, generator)
+    assert ((corners - anchors).abs().max(dim=1).values >= 5).all() and corners.min() >= 0 and corners.max() <= 32
+    assert make_method(positive_crop="centre").positive_corners(3).tolist() == [[16, 16]] * 3
+    tiles = batch(2)
+    pair = method.pair_crops(tiles, torch.tensor([[3, 7], [30, 0]]))
+    assert torch.equal(pair["sar"][1], tiles["sar"][1, :, 30:62, 0:32]) and torch.equal(pair["optical"][0], tiles["optical"][0, :, 3:35, 7:39])
+    # The paper's 4 x 4 bottleneck: five VGG11 stages for 128 px templates, three for 32 px ones.
+    assert len(MatchingSettings().encoder_stages(128)) == 5 and MatchingSettings().encoder_stages(32) == [[64], [128], [256, 256]]
     assert make_method(eval_shift="centre").truth_corner(7) == (16, 16)
     drawn = {method.truth_corner(i) for i in range(20)}
     assert len(drawn) > 5 and all(r % 4 == 0 and c % 4 == 0 and 0 <= r <= 32 for r, c in drawn)

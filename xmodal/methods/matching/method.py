@@ -6,9 +6,14 @@ shared critic (:class:`~xmodal.models.CriticMLP`, no BatchNorm) pulls both laten
 towards one prior; a margin contrastive loss aligns the two latent spaces on labelled pairs.
 
 Patches, from each training tile of side S (the SAR search region; S = 256 in the paper) and the
-template side t (``template_size``, default S / 2 = 128): the centre crops of both modalities are
-a corresponding pair; the SAR crop at a random corner at least ``negative_min_shift`` pixels from
-the centre, with the optical centre crop, is the hard negative of the same tile.
+template side t (``template_size``, default S / 2 = 128): the SAR and optical crops at one corner
+are a corresponding pair; the SAR crop at another corner at least ``negative_min_shift`` pixels
+away, with the same optical crop, is the hard negative of the same tile. Paper 004 takes the
+positive at the centre (``positive_crop: centre``); that lets a network tell positives from
+negatives by where a crop sits in its tile (off-centre crops touch the tile's edges) instead of
+by what it shows: measured here, it drives the training matching loss down while the error of
+every window search stays at chance, on training tiles as well. The default draws the corner at
+random (``positive_crop: random``), every other step of the paper unchanged.
 
 One step (paper 004, Eqs. 5, 7, 8):
 
@@ -17,7 +22,7 @@ One step (paper 004, Eqs. 5, 7, 8):
   mean), critic weights clipped to ``[-clip, clip]`` right after each update; the encoders get no
   gradient here;
 * one autoencoder update with the critic frozen: ``recon_weight * (MSE(SAR) + MSE(optical))`` on
-  every centre crop of the main batch and of the labelled batch, ``- adversarial_weight * mean
+  every crop of the main batch and of the labelled batch, ``- adversarial_weight * mean
   D(z)`` on the main batch (Eq. 8), and ``matching_weight * L_match`` (Eq. 4, on L2-normalised
   latents, margin ``margin``, squared distances or not) on the positive and negative pairs of the
   labelled batch.
@@ -75,8 +80,8 @@ class MatchingSettings:
         template_size: Template (and descriptor window) side t; ``None``: half the tile.
         latent_dim: Descriptor size.
         width: Multiplier of the VGG11 widths (1: the paper's; smaller for CPU demos).
-        stages: Encoder widths per stage (``None``: VGG11's five, or its first ones where the
-            template is too small to halve five times).
+        stages: Encoder widths per stage (``None``: VGG11's, as many stages as keep the paper's
+            4 x 4 bottleneck: five for its 128 px templates, three for 32 px ones).
         output_activation: Last decoder activation (``none``; the paper's ``relu`` suits [0, 1] inputs).
         critic_hidden: Widths of the critic's hidden layers (three layers in all, as the paper's).
         prior_std: Standard deviation of the prior N(0, prior_std^2) on the latents (paper: "N(0, 5)").
@@ -85,7 +90,8 @@ class MatchingSettings:
         margin: Margin m of the matching loss.
         squared: Eq. 4's squared distances (``false``: plain distances).
         recon_weight / adversarial_weight / matching_weight: Weights of the three autoencoder terms.
-        negative_min_shift: Least shift (pixels, Chebyshev) of a negative crop from the centre
+        positive_crop: ``random`` (a corner drawn per pair and step) or ``centre`` (paper 004's).
+        negative_min_shift: Least shift (pixels, Chebyshev) of a negative crop from its positive
             (``None``: t / 8).
         eval_shift: ``centre`` (the paper's centred pairs, truth at the map's centre) or
             ``random`` (a known corner per tile, so a matcher that always answers the centre
@@ -109,6 +115,7 @@ class MatchingSettings:
     recon_weight: float = 1.0
     adversarial_weight: float = 1.0
     matching_weight: float = 1.0
+    positive_crop: str = "random"
     negative_min_shift: int | None = None
     eval_shift: str = "random"
     search_stride: int = 1
@@ -124,8 +131,9 @@ class MatchingSettings:
         for name in ("recon_weight", "adversarial_weight", "matching_weight"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"method_settings.{name}={getattr(self, name)}; expected a weight >= 0")
-        if self.eval_shift not in EVAL_SHIFTS:
-            raise ConfigError(f"method_settings.eval_shift={self.eval_shift!r}; expected one of {list(EVAL_SHIFTS)}")
+        for name in ("eval_shift", "positive_crop"):
+            if getattr(self, name) not in EVAL_SHIFTS:
+                raise ConfigError(f"method_settings.{name}={getattr(self, name)!r}; expected one of {list(EVAL_SHIFTS)}")
         if self.maps < 0:
             raise ConfigError(f"method_settings.maps={self.maps}; expected >= 0")
 
@@ -137,8 +145,10 @@ class MatchingSettings:
         """The encoder's stage widths for templates of side ``template``."""
         if self.stages is not None:
             return [list(stage) for stage in self.stages]
+        # Five VGG11 stages take the paper's 128 px templates to 4 x 4; on smaller templates they would
+        # pool to 1 x 1, and a descriptor without layout measured no better than chance here.
         count = len(VGG11_STAGES)
-        while count > 1 and (template % 2**count or template < 2**count):
+        while count > 1 and (template % 2**count or template // 2**count < 4):
             count -= 1
         return [list(stage) for stage in VGG11_STAGES[:count]]
 
@@ -177,7 +187,8 @@ class AdversarialMatching(Method):
         shift = settings.negative_min_shift or max(1, template // 8)
         if shift > (tile - template) // 2:
             raise ConfigError(
-                f"method_settings.negative_min_shift={shift}: a {template} px crop of a {tile} px tile moves at most {(tile - template) // 2} px from the centre"
+                f"method_settings.negative_min_shift={shift}: a {template} px crop of a {tile} px tile has no corner that far from "
+                f"every other (at most {(tile - template) // 2} px)"
             )
 
     # -- set-up ------------------------------------------------------------------------------------
@@ -223,15 +234,25 @@ class AdversarialMatching(Method):
         corner = self._centre()
         return images[..., corner : corner + self.template, corner : corner + self.template]
 
-    def negative_corners(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``count`` random crop corners at least ``negative_min_shift`` px (Chebyshev) from the centre."""
-        centre, span = self._centre(), self.tile - self.template
-        corners = torch.randint(0, span + 1, (count, 2), generator=generator)
-        near = (corners - centre).abs().max(dim=1).values < self.min_shift
-        while near.any():  # redraw the ones too close to the centre
+    def positive_corners(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``count`` crop corners of corresponding pairs: the centre, or drawn at random."""
+        if self.settings.positive_crop == "centre":
+            return torch.full((count, 2), self._centre(), dtype=torch.long)
+        return torch.randint(0, self.tile - self.template + 1, (count, 2), generator=generator)
+
+    def negative_corners(self, anchors: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A random crop corner for each anchor corner, at least ``negative_min_shift`` px (Chebyshev) from it."""
+        span = self.tile - self.template
+        corners = torch.randint(0, span + 1, anchors.shape, generator=generator)
+        near = (corners - anchors).abs().max(dim=1).values < self.min_shift
+        while near.any():  # redraw the ones too close to their positive
             corners[near] = torch.randint(0, span + 1, (int(near.sum()), 2), generator=generator)
-            near = (corners - centre).abs().max(dim=1).values < self.min_shift
+            near = (corners - anchors).abs().max(dim=1).values < self.min_shift
         return corners
+
+    def pair_crops(self, tiles: dict[str, torch.Tensor], corners: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Both modalities cropped at the same corners (corresponding crops)."""
+        return {m: crop(tiles[m], corners, self.template) for m in MODALITIES}
 
     def critic_step(self, latents: torch.Tensor) -> float:
         """One critic update on detached latents against prior samples; weights clipped after it."""
@@ -248,7 +269,7 @@ class AdversarialMatching(Method):
         settings = self.settings
         self.autoencoders.train()
         self.critic.train()
-        main = {m: self.centre_crops(batch[m]) for m in MODALITIES}
+        main = self.pair_crops(batch, self.positive_corners(len(batch["sar"])))
         count = len(main["sar"])
         # Critic updates: the encoders give detached latents and receive no gradient.
         with torch.no_grad():
@@ -258,8 +279,9 @@ class AdversarialMatching(Method):
         inputs = dict(main)
         labelled = (batch.get("streams") or {}).get("labelled")
         if labelled is not None:
-            positives = {m: self.centre_crops(labelled[m]) for m in MODALITIES}
-            negatives = crop(labelled["sar"], self.negative_corners(len(labelled["sar"])).to(labelled["sar"].device), self.template)
+            anchors = self.positive_corners(len(labelled["sar"]))
+            positives = self.pair_crops(labelled, anchors)
+            negatives = crop(labelled["sar"], self.negative_corners(anchors), self.template)
             inputs = {"sar": torch.cat([main["sar"], positives["sar"], negatives]), "optical": torch.cat([main["optical"], positives["optical"]])}
         out = self.autoencoders(inputs)
         reconstruction = sum(F.mse_loss(out[m][1], inputs[m]) for m in MODALITIES)
