@@ -5,6 +5,7 @@ tested in tests/losses/test_cosine.py.)"""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -234,7 +235,9 @@ def test_teacher_reconstruct_finetune_chain_on_two_workers(tiny_world: Path, tmp
             ],
         }
     )
+    scratch = set(Path(tempfile.gettempdir()).glob("xmodal-inputs-*"))
     reconstruct, finetune = run_experiment(config)
+    assert set(Path(tempfile.gettempdir()).glob("xmodal-inputs-*")) <= scratch  # workers' input copies deleted after set-up
     assert 0 <= reconstruct.metrics["test/iou"] <= 1 and "test/cosine/encoder.stage1" in reconstruct.metrics
     assert reconstruct.metrics["test/teacher/iou"] == pytest.approx(teacher.metrics["test/iou"], abs=1e-6)
     assert (Path(reconstruct.checkpoint) / "exports" / "model.pt").is_file()

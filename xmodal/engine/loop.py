@@ -119,19 +119,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
     collectives = current_collectives(device)
     method = build_method(config, plan.spec)
-    method.setup(
-        MethodContext(
-            device=device,
-            rank=rank,
-            world_size=world,
-            prepare_module=prepare_module,
-            steps_per_epoch=plan.steps_per_epoch(world),
-            epochs=config.train.epochs,
-            inputs=_local_inputs(plan.inputs, Path(tempfile.mkdtemp(prefix="xmodal-inputs-"))),
-            log=log,
-            collectives=collectives,
+    # Methods read their input checkpoints in setup only: the local copies go right after it (every
+    # run of a chain or sweep would otherwise leave hundreds of MB in the temp folder).
+    with tempfile.TemporaryDirectory(prefix="xmodal-inputs-") as scratch:
+        method.setup(
+            MethodContext(
+                device=device,
+                rank=rank,
+                world_size=world,
+                prepare_module=prepare_module,
+                steps_per_epoch=plan.steps_per_epoch(world),
+                epochs=config.train.epochs,
+                inputs=_local_inputs(plan.inputs, Path(scratch)),
+                log=log,
+                collectives=collectives,
+            )
         )
-    )
     state = LoopState(tracker=BestTracker(metric_spec(config, plan.spec), config.run.select))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

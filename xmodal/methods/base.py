@@ -247,7 +247,8 @@ class MethodContext:
             :meth:`Method.add_network` calls it.
         steps_per_epoch: Optimiser steps per epoch on this worker (for schedules).
         epochs: Epochs of the run.
-        inputs: Checkpoint folders handed over by earlier phases or the config, by name.
+        inputs: Checkpoint folders handed over by earlier phases or the config, by name; read them
+            in :meth:`Method.setup` (a worker's local copies are deleted after it).
         log: Prints a line (rank 0 only).
         collectives: Cross-worker operations (the engine's; identity in one process).
     """
