@@ -72,6 +72,7 @@ from xmodal.methods.registry import register_method
 from xmodal.models import build_network
 
 MODALITIES = ("sar", "optical")
+OTHER = {"sar": "optical", "optical": "sar"}
 FUSIONS = {"middle": "dual_encoder_segmenter", "late": "dual_segmenter"}
 
 
@@ -218,9 +219,8 @@ class CrossModalSampleSelection(Method):
             probabilities = {m: logits[m].detach().float().softmax(dim=1) for m in MODALITIES}
             label = {m: label_confidence(probabilities[m], target, ignore) for m in MODALITIES}
             entity = {m: entity_confidence(probabilities[m], settings.confidence) for m in MODALITIES}
-            other = {"sar": "optical", "optical": "sar"}
-            label_x = {m: cross_modal_confidence(label[m], label[other[m]]) for m in MODALITIES}
-            entity_x = {m: cross_modal_confidence(entity[m], entity[other[m]]) for m in MODALITIES}
+            label_x = {m: cross_modal_confidence(label[m], label[OTHER[m]]) for m in MODALITIES}
+            entity_x = {m: cross_modal_confidence(entity[m], entity[OTHER[m]]) for m in MODALITIES}
             all_target = self.context.all_gather(target)
             seg_weights = {}
             for m in MODALITIES:
@@ -248,10 +248,9 @@ class CrossModalSampleSelection(Method):
                 counted = target != self.data.ignore_index
                 logs[f"{m}_selected"] = float((seg_weights[m][counted] >= 1).float().mean()) if counted.any() else 0.0
         if settings.consistency != "none" and settings.consistency_weight > 0:
-            other = {"sar": "optical", "optical": "sar"}
             for m in MODALITIES:
                 # m learns the other branch's distribution, weighted by the target (other) modality's W_e.
-                term = consistency_loss(logits[m], logits[other[m]], con_weights[other[m]] * valid, settings.consistency)
+                term = consistency_loss(logits[m], logits[OTHER[m]], con_weights[OTHER[m]] * valid, settings.consistency)
                 total = total + settings.consistency_weight * term
                 logs[f"{m}_consistency"] = float(term.detach())
         return total, logs
