@@ -157,3 +157,30 @@ def test_semi_supervised_matching_on_two_workers(tiny_world: Path, tmp_path: Pat
     artifacts = load_artifacts(Path(run.results_dir) / ARTIFACTS_DIR)
     assert int(artifacts["matching_errors"].data["counts"].sum()) == 10  # the 10 test tiles, scored on both workers
     assert artifacts["correspondence_0"].data["image"].shape == (9, 9) and (Path(run.results_dir) / ARTIFACTS_DIR / "matching_errors.png").is_file()
+
+
+def test_a_model_backbone_trains_and_its_sar_encoder_loads_into_a_segmenter(tmp_path: Path):
+    from xmodal.methods.exports import load_export_into, save_exports
+    from xmodal.models import build_network
+
+    with pytest.raises(ConfigError, match="backbone='vit'"):
+        MatchingSettings(backbone="vit")
+    torch.manual_seed(0)
+    method = AdversarialMatching(MatchingSettings(**SMALL, backbone="model"), ModelSettings(encoder="resnet18"), OPTIM, SPEC)
+    method.setup(MethodContext(torch.device("cpu"), log=lambda line: None))
+    sar = method.network("model").autoencoder("sar")
+    # 32 px templates: three ResNet stages keep the 4 x 4 bottleneck the VGG default keeps.
+    assert sar.bottleneck_shape == (128, 4, 4) and sar.encoder.xmodal_recipe["kwargs"]["depth"] == 3
+    before = {k: v.clone() for k, v in sar.encoder.state_dict().items()}
+    method.train_step(batch(4), 0)
+    assert any(not torch.equal(before[k], v) for k, v in sar.encoder.state_dict().items())
+    save_exports(method.exports(), tmp_path)
+    segmenter = build_network("segmenter", arch="unet", encoder="resnet18", in_channels=2, classes=1)
+    report = load_export_into(segmenter, {"pretrained": tmp_path}, "pretrained", "sar_autoencoder", part="encoder")
+    assert not report["skipped"]
+    for key, value in sar.encoder.state_dict().items():
+        assert torch.equal(segmenter.encoder.state_dict()[key], value)
+    with pytest.raises(ConfigError, match="has no part 'encoder'"):  # the VGG backbone is no segmenter encoder
+        vgg = make_method()
+        save_exports(vgg.exports(), tmp_path / "vgg")
+        load_export_into(segmenter, {"pretrained": tmp_path / "vgg"}, "pretrained", "sar_autoencoder", part="encoder")

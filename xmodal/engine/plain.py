@@ -56,8 +56,13 @@ def run_plain_single(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     log: Callable[[str], None] = print,
+    report: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Train one configuration in this process (resuming its ``checkpoint_last``) and test it.
+
+    Args:
+        report: Called with each epoch's metrics after its checkpoint is written (a sweep's
+            ``tune.report``, as Ray Train runs forward theirs).
 
     Raises:
         ConfigError: Remote storage (the plain engine writes local checkpoints).
@@ -97,6 +102,8 @@ def run_plain_single(
         _save_checkpoint(folder / LAST_DIR, record, method.exports())
         if tracker.epoch == epoch + 1:
             _save_checkpoint(folder / TESTED_DIR, record, method.exports())
+        if report is not None:
+            report(metrics)
 
     def restore(epoch: int) -> dict[str, Any] | None:
         path = folder / TESTED_DIR / STATE_FILE

@@ -5,7 +5,10 @@ followed by 2 x 2 max pooling (VGG11's 1, 1, 2, 2, 2 convolutions per stage), th
 to the latent code ``z``; the decoder mirrors it with a linear layer, stride-2 3 x 3 transposed
 convolutions + ReLU, and a final 3 x 3 convolution back to the input bands. Paper 004 closes its
 decoder with a ReLU; xmodal's inputs are standardised (negative values), so the last activation is
-a setting (``output_activation``: ``none`` by default, or ``relu``).
+a setting (``output_activation``: ``none`` by default, or ``relu``). With ``encoder`` (an smp/timm
+encoder name, e.g. ``resnet18``) the VGG stages are replaced by that encoder's first
+``encoder_depth`` stages: the pretext zoo compares every method's SAR encoder in one architecture,
+and that encoder's weights load into a segmenter's ``encoder`` (same parameter names).
 
 :class:`CriticMLP`: fully connected layers of decreasing width with LeakyReLU(0.2) and no
 normalisation (a Wasserstein critic must not couple samples of a batch, so no BatchNorm), ending
@@ -45,6 +48,9 @@ class ConvAutoEncoder(nn.Module):
         stages: Convolution widths per encoder stage (default: VGG11's).
         width: Multiplier of every width (e.g. 0.25 for a small demo network).
         output_activation: ``none`` or ``relu`` after the last decoder convolution.
+        encoder: An smp/timm encoder name to use instead of the VGG stages (``stages`` and
+            ``width`` are then unused); the decoder mirrors its stage widths.
+        encoder_depth: Stages of that encoder (each halves the side).
     """
 
     def __init__(
@@ -56,22 +62,33 @@ class ConvAutoEncoder(nn.Module):
         stages: Sequence[Sequence[int]] = VGG11_STAGES,
         width: float = 1.0,
         output_activation: str = "none",
+        encoder: str | None = None,
+        encoder_depth: int = 3,
     ) -> None:
         super().__init__()
-        stage_widths = [[max(1, int(round(w * width))) for w in stage] for stage in _check_stages(stages)]
+        if encoder is not None:
+            from xmodal.models.factory import create_encoder
+
+            self.encoder = create_encoder(encoder, in_channels, depth=encoder_depth, input_size=input_size)
+            stage_widths = [[w] for w in self.encoder.out_channels[1 : encoder_depth + 1]]
+        else:
+            stage_widths = [[max(1, int(round(w * width))) for w in stage] for stage in _check_stages(stages)]
         factor = 2 ** len(stage_widths)
         if input_size < factor or input_size % factor:
             raise ConfigError(f"ConvAutoEncoder: input_size={input_size} must be a positive multiple of 2**{len(stage_widths)} = {factor}")
         if output_activation not in ("none", "relu"):
             raise ConfigError(f"ConvAutoEncoder: output_activation={output_activation!r}; expected none or relu")
-        layers: list[nn.Module] = []
         channels = in_channels
-        for stage in stage_widths:
-            for out in stage:
-                layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(0.2, inplace=True)]
-                channels = out
-            layers.append(nn.MaxPool2d(2))
-        self.features = nn.Sequential(*layers)
+        if encoder is None:
+            layers: list[nn.Module] = []
+            for stage in stage_widths:
+                for out in stage:
+                    layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(0.2, inplace=True)]
+                    channels = out
+                layers.append(nn.MaxPool2d(2))
+            self.features = nn.Sequential(*layers)
+        else:
+            channels = stage_widths[-1][0]
         self.bottleneck_shape = (channels, input_size // factor, input_size // factor)
         flat = channels * (input_size // factor) ** 2
         self.to_latent = nn.Linear(flat, latent_dim)
@@ -89,7 +106,8 @@ class ConvAutoEncoder(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """B x latent_dim codes."""
-        return self.to_latent(self.features(x).flatten(1))
+        features = self.encoder(x)[-1] if hasattr(self, "encoder") else self.features(x)
+        return self.to_latent(features.flatten(1))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Reconstructions (B x in_channels x input_size x input_size) of codes."""
@@ -128,7 +146,8 @@ class DualAutoEncoder(nn.Module):
 
     Args:
         in_channels: Modality -> input bands (``{"sar": 2, "optical": 4}``).
-        input_size, latent_dim, stages, width, output_activation: as :class:`ConvAutoEncoder`.
+        input_size, latent_dim, stages, width, output_activation, encoder, encoder_depth: as
+            :class:`ConvAutoEncoder`.
     """
 
     def __init__(
@@ -140,19 +159,22 @@ class DualAutoEncoder(nn.Module):
         stages: Sequence[Sequence[int]] = VGG11_STAGES,
         width: float = 1.0,
         output_activation: str = "none",
+        encoder: str | None = None,
+        encoder_depth: int = 3,
     ) -> None:
         super().__init__()
         if not isinstance(in_channels, Mapping) or len(in_channels) != 2:
             raise ConfigError(f"DualAutoEncoder: in_channels={in_channels!r}; expected a mapping of two modalities to band counts")
         self.autoencoders = nn.ModuleDict({
-            m: ConvAutoEncoder(bands, input_size, latent_dim, stages=stages, width=width, output_activation=output_activation)
+            m: ConvAutoEncoder(bands, input_size, latent_dim, stages=stages, width=width, output_activation=output_activation,
+                               encoder=encoder, encoder_depth=encoder_depth)
             for m, bands in in_channels.items()
         })
         for m, bands in in_channels.items():  # each branch exports on its own
             self.autoencoders[m].xmodal_recipe = {
                 "builder": "autoencoder",
                 "kwargs": {"in_channels": bands, "input_size": input_size, "latent_dim": latent_dim, "stages": [list(s) for s in stages],
-                           "width": width, "output_activation": output_activation},
+                           "width": width, "output_activation": output_activation, "encoder": encoder, "encoder_depth": encoder_depth},
             }
 
     def autoencoder(self, modality: str) -> ConvAutoEncoder:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xmodal.engine.config import ExperimentConfig, _TOP_LEVEL, build_config, parse_overrides, read_yaml
+from xmodal.engine.config import ExperimentConfig, _TOP_LEVEL, build_config, parse_overrides, phase_config, read_yaml
 from xmodal.errors import ConfigError
 from xmodal.settings import from_dict, get_dotted, merge, set_dotted, to_dict
 
@@ -55,6 +55,7 @@ FINAL_KEY = "sweep/final"  # marks a trial's last row: its test metrics after tr
 PARAMETER_TYPES = ("uniform", "loguniform", "int", "choice")
 SEARCHES = ("optuna", "random", "grid")
 SCHEDULERS = ("fifo", "asha")
+ENGINES = ("train", "plain")
 # Keys of a trial's Tune config that are bookkeeping, not swept parameters.
 GRID_POINT_KEY = "point"
 SEED_KEY = "seed"
@@ -109,6 +110,10 @@ class SweepSettings:
             searcher checkpoint still makes the sweep resumable).
         sampler_seed: Seed of the Optuna sampler.
         local_cpus: Logical CPUs of a local Ray started by the sweep (``None``: enough for one trial).
+        engine: How a trial trains: ``train`` (each run a Ray Train worker group, the default) or
+            ``plain`` (each run inside the trial's own actor with torch loaders, the plain engine:
+            no worker group to start, so small runs on one worker cost seconds less each; one
+            worker per run and local storage only).
     """
 
     search: str = "optuna"
@@ -127,8 +132,11 @@ class SweepSettings:
     study_storage: str | None = None
     sampler_seed: int = 0
     local_cpus: int | None = None
+    engine: str = "train"
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"sweep.engine={self.engine!r}; expected one of {list(ENGINES)}")
         if self.search not in SEARCHES:
             raise ConfigError(f"sweep.search={self.search!r}; expected one of {list(SEARCHES)}")
         if self.scheduler not in SCHEDULERS:
@@ -613,11 +621,25 @@ def validate_sweep(spec: SweepSpec, base_config: ExperimentConfig) -> None:
                 raise ConfigError(f"{spec.source}: sweep.parameters.{param.key}: {what} ({exc})") from exc
     # Whole configurations: the grid, or random draws of the space.
     for params, seed in validation_points(spec):
-        spec.build_trial(params, seed, "validate")
+        trial = spec.build_trial(params, seed, "validate")
+        if settings.engine == "plain":
+            _check_plain_trial(spec, trial)
     if get_dotted(spec.experiment, "run.eval_every", 1) != 1:
         raise ConfigError(
             f"{spec.source}: run.eval_every must be 1 in a sweep: Optuna and ASHA read {spec.metric} after every epoch"
         )
+
+
+def _check_plain_trial(spec: SweepSpec, trial: ExperimentConfig) -> None:
+    """``sweep.engine: plain`` trains in the trial's own process: one worker, local files."""
+    if "://" in spec.settings.storage:
+        raise ConfigError(f"{spec.source}: sweep.engine=plain writes local checkpoints; sweep.storage={spec.settings.storage!r} is remote")
+    for run in [trial, *(phase_config(trial, p) for p in trial.phases)]:
+        if run.scaling.num_workers != 1:
+            raise ConfigError(
+                f"{spec.source}: sweep.engine=plain trains each run in one process; {run.name} has "
+                f"scaling.num_workers={run.scaling.num_workers} (set 1, or use sweep.engine: train)"
+            )
 
 
 def validation_points(spec: SweepSpec) -> list[tuple[dict[str, Any], int | None]]:

@@ -137,15 +137,19 @@ def phase_runs(config: ExperimentConfig) -> list[ExperimentConfig]:
     return [phase_config(config, phase) for phase in config.phases] if config.phases else [config]
 
 
-def trial_resources(config: ExperimentConfig, trial_cpus: float) -> dict[str, float]:
+def trial_resources(config: ExperimentConfig, trial_cpus: float, engine: str = "train") -> dict[str, float]:
     """Resources one trial holds: the largest of its (phase) runs' Train workers plus the Tune trial actor.
 
     Args:
         config: The trial's experiment.
         trial_cpus: CPUs of the trial actor (the driver of its Train runs).
+        engine: ``plain``: the trial actor trains the runs itself (``sweep.engine``).
     """
     runs = phase_runs(config)
-    resources = {"CPU": max(r.scaling.num_workers * r.scaling.cpus_per_worker for r in runs) + trial_cpus}
+    if engine == "plain":  # the trial actor trains every run itself
+        resources = {"CPU": max(trial_cpus, *(r.scaling.cpus_per_worker for r in runs))}
+    else:
+        resources = {"CPU": max(r.scaling.num_workers * r.scaling.cpus_per_worker for r in runs) + trial_cpus}
     gpus = max((r.scaling.num_workers for r in runs if r.scaling.use_gpu), default=0)
     if gpus:
         resources["GPU"] = float(gpus)
@@ -349,6 +353,7 @@ def sweep_trial(tune_config: dict[str, Any], plan: TrialPlan) -> None:
     checkpoint that was tested.
     """
     import ray
+    import torch
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -362,12 +367,21 @@ def sweep_trial(tune_config: dict[str, Any], plan: TrialPlan) -> None:
     last_phase = config.phases[-1].name if config.phases else None
     phase_names: dict[str, str] = {}
 
+    def train(run: ExperimentConfig, inputs: dict[str, Any], followed: bool):
+        if plan.spec.settings.engine == "plain":
+            from xmodal.engine.plain import run_plain_single
+
+            torch.set_num_threads(run.scaling.torch_threads or max(1, int(run.scaling.cpus_per_worker)))
+            device = "cuda" if run.scaling.use_gpu else "cpu"
+            return run_plain_single(run, inputs, device=device, report=tune.report if followed else None)
+        return run_single(run, inputs, callbacks=[TuneReportCallback()] if followed else None)
+
     def run_one(run: ExperimentConfig, inputs: dict[str, Any]):
         phase = run.name.rsplit("/", 1)[-1]
         if last_phase is None or phase == last_phase:
             run.name = f"trial-{trial_id}"  # the run Tune follows: resumes with the trial
             phase_names[phase] = run.name
-            return run_single(run, inputs, callbacks=[TuneReportCallback()])
+            return train(run, inputs, followed=True)
         run.name = shared_phase_name(run, inputs)
         phase_names[phase] = run.name
         with _Lease(ray.get_actor(lock_actor_name(plan.spec.name)), run.name, f"trial-{trial_id}"):
@@ -375,7 +389,7 @@ def sweep_trial(tune_config: dict[str, Any], plan: TrialPlan) -> None:
             if done is not None:
                 print(f"[sweep] trial-{trial_id} reuses {run.name} ({phase})", flush=True)
                 return done
-            return run_single(run, inputs)
+            return train(run, inputs, followed=False)
 
     result = run_chain(config, run_one)[-1]
     final: dict[str, Any] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
@@ -485,7 +499,7 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
     folder = sweep_dir(spec)
     settings = spec.settings
     base = base_experiment(spec)
-    per_trial = trial_resources(base, settings.trial_cpus)
+    per_trial = trial_resources(base, settings.trial_cpus, settings.engine)
     exists = tune.Tuner.can_restore(folder)
     if exists and not resume:
         raise ConfigError(
@@ -518,7 +532,8 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
             slots = json.loads(read_text(folder.rstrip("/") + "/" + RUN_FILE) or "{}").get("max_concurrent_trials", slots)
         if slots == "auto":
             slots = concurrent_trials(ray.cluster_resources(), per_trial, base.scaling.data_cpus)
-        trainable = tune.with_resources(tune.with_parameters(sweep_trial, plan=plan), {"cpu": settings.trial_cpus})
+        actor = {"cpu": per_trial["CPU"], "gpu": per_trial.get("GPU", 0)} if settings.engine == "plain" else {"cpu": settings.trial_cpus}
+        trainable = tune.with_resources(tune.with_parameters(sweep_trial, plan=plan), actor)
         if resume:
             keep_trial_results(folder)
             tuner = tune.Tuner.restore(folder, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False)

@@ -70,6 +70,7 @@ from xmodal.models.autoencoder import VGG11_STAGES
 MODALITIES = ("sar", "optical")
 CRITIC = "critic"
 EVAL_SHIFTS = ("centre", "random")
+BACKBONES = ("vgg11", "model")
 
 
 @dataclass
@@ -79,6 +80,11 @@ class MatchingSettings:
     Attributes:
         template_size: Template (and descriptor window) side t; ``None``: half the tile.
         latent_dim: Descriptor size.
+        backbone: ``vgg11`` (the paper's VGG11-like encoder stages) or ``model``: the config's
+            ``model.encoder`` (e.g. ``resnet18``, as the pretext zoo trains every method's SAR
+            encoder in one architecture), its first ``model.encoder_depth`` stages (``None``: as
+            many as keep a 4 x 4 bottleneck). Its ``<modality>_autoencoder`` exports then load into
+            a segmenter's encoder (``init_part: encoder``).
         width: Multiplier of the VGG11 widths (1: the paper's; smaller for CPU demos).
         stages: Encoder widths per stage (``None``: VGG11's, as many stages as keep the paper's
             4 x 4 bottleneck: five for its 128 px templates, three for 32 px ones).
@@ -103,6 +109,7 @@ class MatchingSettings:
 
     template_size: int | None = None
     latent_dim: int = 512
+    backbone: str = "vgg11"
     width: float = 1.0
     stages: list[list[int]] | None = None
     output_activation: str = "none"
@@ -134,6 +141,8 @@ class MatchingSettings:
         for name in ("eval_shift", "positive_crop"):
             if getattr(self, name) not in EVAL_SHIFTS:
                 raise ConfigError(f"method_settings.{name}={getattr(self, name)!r}; expected one of {list(EVAL_SHIFTS)}")
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"method_settings.backbone={self.backbone!r}; expected one of {list(BACKBONES)}")
         if self.maps < 0:
             raise ConfigError(f"method_settings.maps={self.maps}; expected >= 0")
 
@@ -151,6 +160,16 @@ class MatchingSettings:
         while count > 1 and (template % 2**count or template // 2**count < 4):
             count -= 1
         return [list(stage) for stage in VGG11_STAGES[:count]]
+
+    @staticmethod
+    def encoder_depth(template: int, depth: int | None) -> int:
+        """Stages of a ``model`` backbone: ``depth``, or as many (up to 5) as keep a 4 x 4 bottleneck."""
+        if depth is not None:
+            return depth
+        count = 5
+        while count > 1 and (template % 2**count or template // 2**count < 4):
+            count -= 1
+        return count
 
 
 @register_method
@@ -203,9 +222,13 @@ class AdversarialMatching(Method):
             )
         self.tile, self.template = self.data.tile_size, settings.template(self.data.tile_size)
         channels = {"sar": self.data.sar_channels, "optical": self.data.optical_channels}
+        backbone: dict[str, Any] = {}
+        if settings.backbone == "model":
+            encoder = self.model_settings.encoder or "resnet18"
+            backbone = {"encoder": encoder, "encoder_depth": settings.encoder_depth(self.template, self.model_settings.encoder_depth)}
         autoencoders = build_network(
             "dual_autoencoder", in_channels=channels, input_size=self.template, latent_dim=settings.latent_dim,
-            stages=settings.encoder_stages(self.template), width=settings.width, output_activation=settings.output_activation,
+            stages=settings.encoder_stages(self.template), width=settings.width, output_activation=settings.output_activation, **backbone,
         )
         critic = build_network("critic", in_features=settings.latent_dim, hidden=list(settings.critic_hidden))
         self.autoencoders = self.add_network("model", autoencoders, modality="sar+optical", description="matching autoencoders (SAR, optical)")
@@ -214,8 +237,9 @@ class AdversarialMatching(Method):
         self.critic_optimizer = self.add_optimizer(CRITIC, self.critic.parameters())
         self.min_shift = settings.negative_min_shift or max(1, self.template // 8)
         context.log(
-            f"matching: {self.tile} px search regions, {self.template} px templates, latent {settings.latent_dim}, width {settings.width}; "
-            f"critic x{settings.critic_steps} clip {settings.clip}, prior N(0, {settings.prior_std}^2), margin {settings.margin}"
+            f"matching: {self.tile} px search regions, {self.template} px templates, latent {settings.latent_dim}, "
+            + (f"{backbone['encoder']} encoder (depth {backbone['encoder_depth']}); " if backbone else f"VGG11 width {settings.width}; ")
+            + f"critic x{settings.critic_steps} clip {settings.clip}, prior N(0, {settings.prior_std}^2), margin {settings.margin}"
             f"{' (squared)' if settings.squared else ''}"
         )
 
