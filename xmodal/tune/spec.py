@@ -630,11 +630,16 @@ def validate_sweep(spec: SweepSpec, base_config: ExperimentConfig) -> None:
         )
 
 
+def phase_runs(config: ExperimentConfig) -> list[ExperimentConfig]:
+    """The runs a trial makes: the config itself, or each phase of its chain."""
+    return [phase_config(config, phase) for phase in config.phases] if config.phases else [config]
+
+
 def _check_plain_trial(spec: SweepSpec, trial: ExperimentConfig) -> None:
     """``sweep.engine: plain`` trains in the trial's own process: one worker, local files."""
     if "://" in spec.settings.storage:
         raise ConfigError(f"{spec.source}: sweep.engine=plain writes local checkpoints; sweep.storage={spec.settings.storage!r} is remote")
-    for run in [trial, *(phase_config(trial, p) for p in trial.phases)]:
+    for run in phase_runs(trial):
         if run.scaling.num_workers != 1:
             raise ConfigError(
                 f"{spec.source}: sweep.engine=plain trains each run in one process; {run.name} has "

@@ -39,11 +39,11 @@ from typing import Any
 
 from ray.tune.search import ConcurrencyLimiter, Repeater
 
-from xmodal.engine.config import ExperimentConfig, phase_config
+from xmodal.engine.config import ExperimentConfig
 from xmodal.engine.session import connect, state_api_available
 from xmodal.engine.storage import is_remote, read_text, write_text
 from xmodal.errors import ConfigError, XmodalError
-from xmodal.tune.spec import FINAL_KEY, GRID_POINT_KEY, RUN_FILE, SEED_KEY, SPEC_FILE, SweepSpec, final_config, load_sweep
+from xmodal.tune.spec import FINAL_KEY, GRID_POINT_KEY, RUN_FILE, SEED_KEY, SPEC_FILE, SweepSpec, final_config, load_sweep, phase_runs
 
 SHARED_DIR = "shared"
 LOCK_LEASE_SECONDS = 120.0
@@ -130,11 +130,6 @@ def base_experiment(spec: SweepSpec) -> ExperimentConfig:
     """The experiment with every parameter at its first value (for sizing and data checks)."""
     params = {p.key: p.edges()[0] for p in spec.parameters if not p.when}
     return spec.build_trial(params, spec.seeds[0], "base")
-
-
-def phase_runs(config: ExperimentConfig) -> list[ExperimentConfig]:
-    """The runs a trial makes: the config itself, or each phase of its chain."""
-    return [phase_config(config, phase) for phase in config.phases] if config.phases else [config]
 
 
 def trial_resources(config: ExperimentConfig, trial_cpus: float, engine: str = "train") -> dict[str, float]:

@@ -154,22 +154,24 @@ class MatchingSettings:
         """The encoder's stage widths for templates of side ``template``."""
         if self.stages is not None:
             return [list(stage) for stage in self.stages]
-        # Five VGG11 stages take the paper's 128 px templates to 4 x 4; on smaller templates they would
-        # pool to 1 x 1, and a descriptor without layout measured no better than chance here.
-        count = len(VGG11_STAGES)
-        while count > 1 and (template % 2**count or template // 2**count < 4):
-            count -= 1
-        return [list(stage) for stage in VGG11_STAGES[:count]]
+        return [list(stage) for stage in VGG11_STAGES[: _stages_keeping_layout(template, len(VGG11_STAGES))]]
 
     @staticmethod
     def encoder_depth(template: int, depth: int | None) -> int:
         """Stages of a ``model`` backbone: ``depth``, or as many (up to 5) as keep a 4 x 4 bottleneck."""
-        if depth is not None:
-            return depth
-        count = 5
-        while count > 1 and (template % 2**count or template // 2**count < 4):
-            count -= 1
-        return count
+        return depth if depth is not None else _stages_keeping_layout(template, 5)
+
+
+def _stages_keeping_layout(template: int, most: int) -> int:
+    """How many halving stages (at most ``most``) take a template to no less than 4 x 4.
+
+    Five VGG11 stages take the paper's 128 px templates to 4 x 4; on smaller templates they would
+    pool to 1 x 1, and a descriptor without layout measured no better than chance here.
+    """
+    count = most
+    while count > 1 and (template % 2**count or template // 2**count < 4):
+        count -= 1
+    return count
 
 
 @register_method
