@@ -20,7 +20,7 @@ import yaml
 from xmodal.errors import ConfigError
 from xmodal.report.sweeps import load_trials
 from xmodal.tune.spec import load_sweep
-from xmodal.tune.sweep import trial_resources
+from xmodal.tune.sweep import concurrent_trials, reserved_data_cpus, trial_resources
 
 CHAIN = {
     "name": "plain-chain",
@@ -42,7 +42,11 @@ CHAIN = {
 
 def test_plain_engine_is_checked_and_sized_before_ray_starts(tmp_path: Path):
     spec = load_sweep(CHAIN, [f"data.root={tmp_path}", f"sweep.storage={tmp_path}"])
-    assert trial_resources(spec.build_trial({}, None, "t"), 1.0, "plain") == {"CPU": 1.0}  # no Train worker beside the actor
+    per_trial = trial_resources(spec.build_trial({}, None, "t"), 1.0, "plain")
+    assert per_trial == {"CPU": 1.0}  # no Train worker beside the actor
+    # No Ray Data beside it either (torch loaders decode in the trial): 2 cores run 2 trials, not 1.
+    base = spec.build_trial({}, None, "t")
+    assert reserved_data_cpus(spec, base) == 0.0 and concurrent_trials({"CPU": 2.0}, per_trial, reserved_data_cpus(spec, base)) == 2
     with pytest.raises(ConfigError, match="sweep.engine=plain trains each run in one process.*num_workers=2"):
         load_sweep(CHAIN, [f"data.root={tmp_path}", f"sweep.storage={tmp_path}", "scaling.num_workers=2"])
     with pytest.raises(ConfigError, match="sweep.engine='ray'"):

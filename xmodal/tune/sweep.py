@@ -151,6 +151,12 @@ def trial_resources(config: ExperimentConfig, trial_cpus: float, engine: str = "
     return resources
 
 
+def reserved_data_cpus(spec: SweepSpec, base: ExperimentConfig) -> float:
+    """CPUs each trial leaves free for Ray Data: none with the plain engine, whose torch loaders
+    decode inside the trial's own CPUs."""
+    return 0.0 if spec.settings.engine == "plain" else base.scaling.data_cpus
+
+
 def concurrent_trials(cluster: dict[str, float], per_trial: dict[str, float], data_cpus: float) -> int:
     """How many trials fit at once, leaving ``data_cpus`` per trial free for Ray Data.
 
@@ -419,7 +425,7 @@ def start_ray(spec: SweepSpec, base: ExperimentConfig, per_trial: dict[str, floa
                 "or use scheduler: fifo)"
             )
         return False
-    needed = per_trial["CPU"] + base.scaling.data_cpus
+    needed = per_trial["CPU"] + reserved_data_cpus(spec, base)
     return connect(base.run.address, spec.settings.local_cpus or int(max(os.cpu_count() or 1, math.ceil(needed))), dashboard=True)
 
 
@@ -526,7 +532,7 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
         if resume:  # a restored sweep keeps the concurrency it started with
             slots = json.loads(read_text(folder.rstrip("/") + "/" + RUN_FILE) or "{}").get("max_concurrent_trials", slots)
         if slots == "auto":
-            slots = concurrent_trials(ray.cluster_resources(), per_trial, base.scaling.data_cpus)
+            slots = concurrent_trials(ray.cluster_resources(), per_trial, reserved_data_cpus(spec, base))
         actor = {"cpu": per_trial["CPU"], "gpu": per_trial.get("GPU", 0)} if settings.engine == "plain" else {"cpu": settings.trial_cpus}
         trainable = tune.with_resources(tune.with_parameters(sweep_trial, plan=plan), actor)
         if resume:
