@@ -18,7 +18,7 @@ import pytest
 from xmodal.errors import ConfigError
 from xmodal.report.sweeps import load_trials, render_sweep_report, seed_groups, utilisation
 from xmodal.tune.spec import REPEAT_INDEX_KEY, SweepSpec, load_sweep
-from xmodal.tune.sweep import _check_same_sweep, concurrent_trials, make_search, run_sweep, sweep_dir, trial_resources
+from xmodal.tune.sweep import _check_same_sweep, concurrent_trials, make_search, round_robin, run_sweep, sweep_dir, trial_resources
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = REPO / "experiments" / "baselines" / "sar-buildings.yaml"
@@ -125,7 +125,8 @@ def test_grid_with_seeds_enumerates_points_times_seeds():
     assert all(("method_settings.dice_weight" in p) == (p["method_settings.input"] == "sar") for p in points)
     search, space, samples = make_search(spec, max_concurrent=2)
     assert search is None and samples == 1
-    assert space["point"]["grid_search"] == points and space["seed"]["grid_search"] == [0, 1, 2]
+    assert space["seed"]["grid_search"] == [0, 1, 2]
+    assert space["point"]["grid_search"] == round_robin(points, "data.labels.fraction") != points
     params, seed = spec.trial_params({"point": points[0], "seed": 2})
     config = spec.build_trial(params, seed, "t")
     assert config.train.seed == 2 and config.data.labels.seed == 2
@@ -388,3 +389,10 @@ def test_a_whole_phase_swept_as_named_variants_replaces_its_inputs_and_overrides
     raw["sweep"]["parameters"] = {"phases.finetune": {"type": "choice", "values": {"bad": {"method": "kd"}}}}
     with pytest.raises(ConfigError, match="whole-phase value is a mapping of"):
         load_sweep(raw)
+
+
+def test_grid_trials_take_turns_between_the_first_parameters_values():
+    points = [{"arm": a, "share": s} for a in ("kd", "cmc", "random") for s in (0.01, 1.0)] + [{"arm": "kd", "share": 0.5}]
+    ordered = round_robin(points, "arm")
+    assert [p["arm"] for p in ordered] == ["kd", "cmc", "random", "kd", "cmc", "random", "kd"]
+    assert sorted(map(str, ordered)) == sorted(map(str, points))  # the same points, reordered

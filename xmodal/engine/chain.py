@@ -54,6 +54,36 @@ def resolve_input(value: str | InputRef, finished: dict[str, RunResult], where: 
     return ResolvedInput(location=ref.source)
 
 
+def upstream_phases(runs: dict[str, ExperimentConfig], phase: str, *, read: bool = False) -> list[str]:
+    """The earlier phases a phase takes inputs from, directly or through their own inputs.
+
+    Args:
+        runs: Every phase's run config (:func:`~xmodal.engine.config.phase_config`), by phase
+            name in chain order.
+        phase: The phase whose inputs are followed.
+        read: Follow only the inputs each method reads (its ``required_inputs``), not every
+            input its config declares (supervised with ``init: null`` declares but reads none).
+
+    Returns:
+        Phase names in chain order.
+    """
+    from xmodal.methods.registry import get_method
+
+    found: set[str] = set()
+
+    def visit(name: str) -> None:
+        run = runs[name]
+        names = get_method(run.method).required_inputs(run.method_settings) if read else run.inputs
+        for input_name in names:
+            source = InputRef.of(run.inputs[input_name]).source
+            if source in runs and source not in found:
+                found.add(source)
+                visit(source)
+
+    visit(phase)
+    return [name for name in runs if name in found]
+
+
 def run_chain(config: ExperimentConfig, run_one: RunOne, only_phases: list[str] | None = None) -> list[RunResult]:
     """Run a config: a single run, or its phases in order.
 

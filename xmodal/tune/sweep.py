@@ -220,6 +220,19 @@ class StatefulRepeater(_KeepsOwnState, Repeater):
     """``Repeater`` (one configuration x several seeds) that remembers its groups across ``Tuner.restore``."""
 
 
+def round_robin(points: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """Grid points reordered to take turns between the values of ``key`` (the first parameter).
+
+    Trials of one value usually share an early phase (an arm's pretraining); in turns, trials that
+    start together train different shared phases instead of queueing for one.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for point in points:
+        groups.setdefault(json.dumps(point.get(key), sort_keys=True, default=str), []).append(point)
+    queues = list(groups.values())
+    return [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
+
+
 def make_search(spec: SweepSpec, max_concurrent: int) -> tuple[Any, dict[str, Any], int]:
     """Tune search algorithm, param_space and num_samples of a sweep."""
     from ray import tune
@@ -227,7 +240,7 @@ def make_search(spec: SweepSpec, max_concurrent: int) -> tuple[Any, dict[str, An
     settings = spec.settings
     seeds = spec.seeds
     if settings.search == "grid":
-        space: dict[str, Any] = {GRID_POINT_KEY: tune.grid_search(spec.grid_points())}
+        space: dict[str, Any] = {GRID_POINT_KEY: tune.grid_search(round_robin(spec.grid_points(), spec.parameters[0].key))}
         if len(seeds) > 1:
             space[SEED_KEY] = tune.grid_search(seeds)
         return None, space, 1
@@ -358,7 +371,8 @@ def sweep_trial(tune_config: dict[str, Any], plan: TrialPlan) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from xmodal.engine.chain import run_chain
+    from xmodal.engine.chain import run_chain, upstream_phases
+    from xmodal.engine.config import phase_config
     from xmodal.engine.results import read_run_result
     from xmodal.engine.runner import run_single
 
@@ -392,7 +406,10 @@ def sweep_trial(tune_config: dict[str, Any], plan: TrialPlan) -> None:
                 return done
             return train(run, inputs, followed=False)
 
-    result = run_chain(config, run_one)[-1]
+    # Phases the last one does not take inputs from (an arm that drops a pretraining) are not run.
+    runs = {phase.name: phase_config(config, phase) for phase in config.phases}
+    needed = upstream_phases(runs, last_phase) + [last_phase] if last_phase else None
+    result = run_chain(config, run_one, only_phases=needed if needed and len(needed) < len(runs) else None)[-1]
     final: dict[str, Any] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     final.update({"epoch": final_config(config).train.epochs, FINAL_KEY: 1, "results_dir": result.results_dir})
     final["tested_epoch"] = result.summary.get("tested_epoch")
