@@ -132,6 +132,19 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         raise XmodalError(f"sweep {result.name}: no trial finished; see the errors above and {result.sweep_dir}")
 
 
+# The zoo's sweeps ship in the repository beside the package (editable installs, cluster working dirs).
+ZOO_DIR = Path(__file__).resolve().parents[2] / "experiments" / "zoo"
+
+
+def cmd_zoo(args: argparse.Namespace) -> None:
+    """The pretext zoo: ``experiments/zoo/sweep[-quick].yaml`` swept, then its report."""
+    config = Path(args.config) if args.config else ZOO_DIR / ("sweep-quick.yaml" if args.quick else "sweep.yaml")
+    if not config.is_file():
+        raise XmodalError(f"{config}: the zoo's sweep file is not there (an install without the repository's experiments/); give --config PATH")
+    args.config = str(config)
+    cmd_sweep(args)
+
+
 def is_sweep_folder(path: Path) -> bool:
     """A Tune experiment folder written by ``xmodal sweep`` (rather than a folder of runs)."""
     from xmodal.tune.spec import SPEC_FILE
@@ -258,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name")
     sweep.add_argument("--no-report", action="store_true", help="do not render the report at the end")
     sweep.set_defaults(func=cmd_sweep)
+
+    zoo = commands.add_parser("zoo", help="the pretext zoo: every method's SAR encoder under one downstream protocol")
+    zoo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.root=/data/mine world=null sweep.seeds=[0]")
+    zoo.add_argument("--quick", action="store_true", help="the demo-size zoo (experiments/zoo/sweep-quick.yaml; < 30 min on 2 CPU cores)")
+    zoo.add_argument("--config", help="another zoo sweep file (default: experiments/zoo/sweep.yaml of this repository)")
+    zoo.add_argument("--resume", action="store_true", help="continue the interrupted zoo of this name")
+    zoo.add_argument("--no-report", action="store_true", help="do not render the report at the end")
+    zoo.set_defaults(func=cmd_zoo)
 
     report = commands.add_parser("report", help="tables and figures of a run folder or a sweep folder")
     report.add_argument("path", help="run folder (e.g. runs/kd-demo) or sweep folder (<sweep.storage>/<name>)")

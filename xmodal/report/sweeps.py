@@ -14,6 +14,8 @@ still-running sweep, offline, without Ray. Writes into ``SWEEP_DIR/report/``:
 * ``learning_curves.png``: the metric (and training loss) per epoch of every trial.
 * ``artifact_<name>.png``: a histogram artifact the runs saved (e.g. matching errors), one curve per
   configuration, summed over its seeds.
+* ``zoo.md``, ``zoo.csv``, ``zoo_label_efficiency.png``: with ``sweep.report: zoo``, the pretext
+  zoo's report (:mod:`xmodal.report.zoo`).
 """
 
 from __future__ import annotations
@@ -381,6 +383,11 @@ def render_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) ->
     slots, sessions = _sessions(folder, spec)
     usage = session_utilisation(trials, slots, sessions)
     figures = _figures(plt, trials, spec, keys, metric, out_dir)
+    zoo_files: list[Path] = []
+    if spec is not None and spec.settings.report == "zoo":
+        from xmodal.report.zoo import render_zoo_report
+
+        zoo_files = render_zoo_report(spec, trials, out_dir, plt)
 
     best_yaml = None
     if best is not None and spec is not None:
@@ -398,6 +405,8 @@ def render_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) ->
         f"trial slots busy {100 * usage['busy_share']:.0f}% (of {slots} slot(s) x wall time)."
     )
     lines.append("")
+    if zoo_files:
+        lines += [f"The pretext zoo's table, label-efficiency curves and compute: [`{zoo_files[0].name}`]({zoo_files[0].name}).", ""]
     if best is not None:
         lines += ["## Best configuration", ""]
         lines.append(f"Trial `{best['trial_id']}`: **{metric} = {final_value(best, metric):.4f}**" + ("" if best["seed"] is None else f" (seed {best['seed']})"))
@@ -447,7 +456,7 @@ def render_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) ->
     lines.append(f"- Per-trial run.json, test panels and artifacts: `{folder / 'results'}/trial-<id>/`")
     md_path = out_dir / "report.md"
     md_path.write_text("\n".join(lines) + "\n")
-    files += [md_path, csv_path] + ([best_yaml] if best_yaml else []) + figures
+    files += [md_path, csv_path] + ([best_yaml] if best_yaml else []) + figures + zoo_files
     return files
 
 

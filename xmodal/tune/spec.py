@@ -56,6 +56,8 @@ PARAMETER_TYPES = ("uniform", "loguniform", "int", "choice")
 SEARCHES = ("optuna", "random", "grid")
 SCHEDULERS = ("fifo", "asha")
 ENGINES = ("train", "plain")
+# Reports a sweep asks for beside the generic one (xmodal.report): ``zoo``, the pretext zoo's.
+REPORTS = ("zoo",)
 # Keys of a trial's Tune config that are bookkeeping, not swept parameters.
 GRID_POINT_KEY = "point"
 SEED_KEY = "seed"
@@ -114,6 +116,8 @@ class SweepSettings:
             ``plain`` (each run inside the trial's own actor with torch loaders, the plain engine:
             no worker group to start, so small runs on one worker cost seconds less each; one
             worker per run and local storage only).
+        report: A report beside the generic one: ``zoo`` (arms of a whole-phase choice against
+            the last phase's task, label share and frozen / finetuned encoder; see :func:`zoo_keys`).
     """
 
     search: str = "optuna"
@@ -133,8 +137,11 @@ class SweepSettings:
     sampler_seed: int = 0
     local_cpus: int | None = None
     engine: str = "train"
+    report: str | None = None
 
     def __post_init__(self) -> None:
+        if self.report is not None and self.report not in REPORTS:
+            raise ConfigError(f"sweep.report={self.report!r}; expected one of {list(REPORTS)} (or none)")
         if self.engine not in ENGINES:
             raise ConfigError(f"sweep.engine={self.engine!r}; expected one of {list(ENGINES)}")
         if self.search not in SEARCHES:
@@ -624,10 +631,54 @@ def validate_sweep(spec: SweepSpec, base_config: ExperimentConfig) -> None:
         trial = spec.build_trial(params, seed, "validate")
         if settings.engine == "plain":
             _check_plain_trial(spec, trial)
+    if settings.report == "zoo":
+        zoo_keys(spec)
     if get_dotted(spec.experiment, "run.eval_every", 1) != 1:
         raise ConfigError(
             f"{spec.source}: run.eval_every must be 1 in a sweep: Optuna and ASHA read {spec.metric} after every epoch"
         )
+
+
+@dataclass(frozen=True)
+class ZooKeys:
+    """The swept keys a pretext-zoo report reads (``sweep.report: zoo``).
+
+    Attributes:
+        arm: The whole-phase choice of the pretraining (``phases.pretrain``).
+        task: The last phase's target layer (``phases.<last>.data.mask_layer``).
+        share: The last phase's labelled share (``phases.<last>.data.labels.fraction``).
+        encoder: The last phase's frozen / finetuned encoder
+            (``phases.<last>.method_settings.freeze_encoder``), ``None`` if not swept.
+    """
+
+    arm: str
+    task: str
+    share: str
+    encoder: str | None
+
+
+def zoo_keys(spec: SweepSpec) -> ZooKeys:
+    """The zoo keys of a sweep: arms are a whole-phase choice of an earlier phase, the rest are keys
+    of its last phase.
+
+    Raises:
+        ConfigError: A key the zoo report needs is not swept.
+    """
+    phases = [p.get("name") for p in spec.experiment.get("phases") or [] if isinstance(p, dict)]
+    if len(phases) < 2:
+        raise ConfigError(f"{spec.source}: sweep.report=zoo needs a chain (pretraining phases, then the downstream phase)")
+    last = f"{PHASE_PREFIX}{phases[-1]}."
+    swept = {p.key for p in spec.parameters}
+    arms = [p.key for p in spec.parameters if split_phase_key(p.key)[1] == "" and split_phase_key(p.key)[0] != phases[-1]]
+    keys = {"task": f"{last}data.mask_layer", "share": f"{last}data.labels.fraction"}
+    missing = [key for key in keys.values() if key not in swept]
+    if len(arms) != 1 or missing:
+        raise ConfigError(
+            f"{spec.source}: sweep.report=zoo needs exactly one whole-phase choice of the pretraining (the arms; "
+            f"found {arms or 'none'}) and sweeps of {list(keys.values())} (missing: {missing or 'none'})"
+        )
+    encoder = f"{last}method_settings.freeze_encoder"
+    return ZooKeys(arm=arms[0], task=keys["task"], share=keys["share"], encoder=encoder if encoder in swept else None)
 
 
 def phase_runs(config: ExperimentConfig) -> list[ExperimentConfig]:
