@@ -148,7 +148,8 @@ def test_the_zoo_report_tables_the_arms_with_their_spread_curve_and_compute(tmp_
     assert "| kd | frozen | 0.360 +- 0.010 (2) | 0.460 +- 0.010 (2) |" in zoo
     assert "| random | finetuned | 0.210 +- 0.010 (2) | 0.610 +- 0.010 (2) |" in zoo
     assert "| random | frozen |" not in zoo
-    assert "- buildings @ 1 %: **kd** (finetuned) 0.410 +- 0.010 (2); next kd (frozen) 0.360 +- 0.010 (2) - lead beyond both s.e." in zoo
+    assert ("- buildings @ 1 %: **kd** (finetuned) 0.410 +- 0.010 (2); next kd (frozen) 0.360 +- 0.010 (2); "
+            "no pretraining (random) 0.210 +- 0.010 (2) - lead beyond both s.e.") in zoo
     assert "- landcover @ 100 %: **cmc** (finetuned) 0.810 +- 0.010 (2)" in zoo
     # Compute per seed: kd read teacher + reconstruction (30.5 + 40.5 s), cmc its pretraining, random none.
     assert "| kd | teacher, pretrain | 71 | 0.020 | 0.000 |" in zoo

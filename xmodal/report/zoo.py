@@ -218,10 +218,16 @@ def render_zoo_report(spec: SweepSpec, trials: list[dict[str, Any]], out_dir: Pa
                 if any(row):
                     lines.append(f"| {arm} | {_encoder_text(encoder)} | " + " | ".join(_cell_text(c) for c in row) + " |")
         lines.append("")
+    # Arms whose downstream reads no pretraining (random init) are the floor every pretraining must beat.
+    floors = [arm for arm in arms if arm in costs and not costs[arm]["phases"]]
     lines += ["## Best arm per task and label share", ""]
     for entry in best_per_share(cells):
         best, second = entry["best"], entry["second"]
         versus = f"; next {second['arm']} ({_encoder_text(second['encoder'])}) {_cell_text(second)}" if second else ""
+        for floor in floors:
+            cell = max((c for c in cells if (c["arm"], c["task"], c["share"]) == (floor, entry["task"], entry["share"])), key=lambda c: c["mean"], default=None)
+            if cell is not None and cell is not best:
+                versus += f"; no pretraining ({floor}) {_cell_text(cell)}"
         verdict = (" - lead beyond both s.e." if entry["clear"] else " - within the spread" if best["n"] > 1 else " - one seed: no spread to judge by")
         lines.append(f"- {entry['task']} @ {_share_text(entry['share'])}: **{best['arm']}** ({_encoder_text(best['encoder'])}) {_cell_text(best)}{versus}{verdict}")
     lines += ["", "## Pretraining compute (per seed)", "", "| arm | runs read | wall s | CPU-h | GPU-h |", "|---|---|---|---|---|"]
