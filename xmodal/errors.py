@@ -25,3 +25,7 @@ class LeakageError(DataError):
 
 class ConfigError(XmodalError):
     """A configuration file or override is invalid."""
+
+
+class TrainingError(XmodalError):
+    """Training cannot go on: a non-finite loss (from the data, its statistics or the settings)."""

@@ -8,6 +8,7 @@ into normalisation.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ class DatasetStats:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = STATS_FILE) -> DatasetStats:
         try:
-            return cls(
+            stats = cls(
                 sar=[BandStats(**b) for b in data["sar"]],
                 optical=[BandStats(**b) for b in data["optical"]],
                 sar_db=bool(data["sar_db"]),
@@ -76,6 +77,23 @@ class DatasetStats:
             )
         except (KeyError, TypeError) as exc:
             raise DataError(f"{source}: malformed statistics ({exc}); recompute with `xmodal data stats`") from exc
+        stats.check_values(source)
+        return stats
+
+    def check_values(self, source: str) -> None:
+        """Refuse statistics that would normalise a band into garbage: a non-finite value (every
+        pixel becomes NaN) or a standard deviation that is not positive (a constant band)."""
+        for modality in ("sar", "optical"):
+            for band in getattr(self, modality):
+                for name in ("mean", "std", "p01", "p99"):
+                    value = getattr(band, name)
+                    if not isinstance(value, (int, float)) or not math.isfinite(value):
+                        raise DataError(f"{source}: {modality} band {band.name!r} has {name}={value!r}; expected a finite number (recompute with `xmodal data stats`)")
+                if band.std <= 0:
+                    raise DataError(
+                        f"{source}: {modality} band {band.name!r} has std={band.std!r}; expected > 0 (a band constant over the "
+                        "training split cannot be normalised: recompute with `xmodal data stats`, or drop the band)"
+                    )
 
     def check_bands(self, manifest: Manifest, source: str) -> None:
         """Refuse statistics computed for other bands than the manifest's."""

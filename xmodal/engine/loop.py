@@ -27,7 +27,7 @@ from xmodal.engine.setup import BestTracker, build_method, metric_spec
 from xmodal.engine.training import LoopData, LoopState, run_epochs
 from xmodal.errors import DataError
 from xmodal.methods.base import DataNeeds, DataSpec, MethodContext
-from xmodal.methods.exports import save_exports
+from xmodal.methods.exports import read_torch_file, save_exports
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"  # per-checkpoint metrics (the run's summary is run.json, see the runner)
@@ -100,7 +100,7 @@ def _reported_state(epoch: int, device: torch.device) -> dict[str, Any] | None:
     for reported in ray.train.get_all_reported_checkpoints():
         if reported.metrics.get("epoch") == epoch:
             with reported.checkpoint.as_directory() as folder:
-                return torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)["method"]
+                return read_torch_file(Path(folder) / STATE_FILE, device)["method"]
     return None
 
 
@@ -139,7 +139,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            saved = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)
+            saved = read_torch_file(Path(folder) / STATE_FILE, device)
         if saved["fingerprint"] != plan.fingerprint:
             raise DataError(
                 f"run {config.name!r} already exists in {config.run.storage} with another method, model or data; "

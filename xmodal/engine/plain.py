@@ -29,7 +29,7 @@ from xmodal.engine.storage import is_remote
 from xmodal.engine.training import LoopData, LoopState, run_epochs
 from xmodal.errors import ConfigError, DataError
 from xmodal.methods.base import Collectives, MethodContext
-from xmodal.methods.exports import save_exports
+from xmodal.methods.exports import read_torch_file, save_exports
 
 STATE_FILE = "state.pt"
 LAST_DIR = "checkpoint_last"
@@ -89,7 +89,7 @@ def run_plain_single(
     state = LoopState(tracker=BestTracker(metric_spec(config, spec), config.run.select))
     plan_fingerprint = fingerprint(config)
     if (folder / LAST_DIR / STATE_FILE).is_file():
-        saved = torch.load(folder / LAST_DIR / STATE_FILE, map_location=device, weights_only=False)
+        saved = read_torch_file(folder / LAST_DIR / STATE_FILE, device)
         if saved["fingerprint"] != plan_fingerprint:
             raise ConfigError(f"run {config.name!r} already exists in {folder} with another method, model or data; choose another name")
         method.load_state_dict(saved["method"])
@@ -108,7 +108,7 @@ def run_plain_single(
     def restore(epoch: int) -> dict[str, Any] | None:
         path = folder / TESTED_DIR / STATE_FILE
         if path.is_file():
-            saved = torch.load(path, map_location=device, weights_only=False)
+            saved = read_torch_file(path, device)
             if saved["epoch"] + 1 == epoch:
                 return saved["method"]
         return None

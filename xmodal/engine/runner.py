@@ -16,7 +16,6 @@ from typing import Any
 
 import ray
 import ray.train
-import torch
 from ray.train.torch import TorchTrainer
 
 from xmodal.data.pipeline import LABELLED_STREAM, TRAIN, build_datasets
@@ -29,6 +28,7 @@ from xmodal.engine.session import connect
 from xmodal.engine.setup import BestTracker, metric_spec, prepare_run_data
 from xmodal.engine.storage import is_remote
 from xmodal.engine.training import SELECTION_KEY
+from xmodal.methods.exports import read_torch_file
 from xmodal.errors import ConfigError, XmodalError
 
 
@@ -131,7 +131,7 @@ def check_resumable(config: ExperimentConfig) -> None:
     checkpoints = sorted(folder.glob("checkpoint_*/" + STATE_FILE))
     if not checkpoints:
         return
-    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)
+    state = read_torch_file(checkpoints[-1])
     if state.get("fingerprint") != fingerprint(config):
         raise ConfigError(
             f"run {config.name!r} already exists in {folder} with another method, model or data; "

@@ -27,7 +27,7 @@ import torch
 
 from xmodal.engine.config import ExperimentConfig
 from xmodal.engine.setup import BestTracker
-from xmodal.errors import XmodalError
+from xmodal.errors import TrainingError, XmodalError
 from xmodal.methods.base import Collectives, EvalResult, Method
 
 # Ranks checkpoints for Ray (which keeps the best ones and always the latest): the tracker's score
@@ -123,6 +123,24 @@ def evaluate_split(
     return result
 
 
+def check_finite_losses(logs: dict[str, float], epoch: int, step: int, batch: dict[str, Any]) -> None:
+    """Stop at the first non-finite loss, before it reaches a checkpoint or a metrics file.
+
+    Raises:
+        TrainingError: Naming the loss terms, the epoch and step, and the batch's tiles (their
+            index in the prepared manifest).
+    """
+    bad = {key: value for key, value in logs.items() if "loss" in key and not math.isfinite(value)}
+    if bad:
+        index = batch.get("index")
+        tiles = [int(i) for i in torch.as_tensor(index).flatten().tolist()] if index is not None else "unknown"
+        terms = ", ".join(f"{key}={value}" for key, value in bad.items())
+        raise TrainingError(
+            f"non-finite training loss ({terms}) at epoch {epoch}, step {step}; batch tiles (prepared manifest index) {tiles}: "
+            "check the data's statistics (stats.json) and no-data, or lower train.lr"
+        )
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
@@ -175,6 +193,7 @@ def run_epochs(
         for batch in _lockstep(data.train(), data.labelled() if data.labelled else None):
             waiting += time.perf_counter() - fetched
             logs = method.train_step(to_device(batch, device), global_step)
+            check_finite_losses(logs, epoch + 1, global_step, batch)
             steps += 1
             global_step += 1
             for key, value in logs.items():

@@ -14,6 +14,7 @@ which keys it loaded and refuses one that matches nothing.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,27 @@ def read_export(checkpoint_dir: str | Path, name: str) -> dict[str, Any]:
     if not path.is_file():
         available = sorted(p.stem for p in (Path(checkpoint_dir) / EXPORTS_DIR).glob("*.pt"))
         raise DataError(f"{path}: not found; this checkpoint exports {available or 'nothing'}")
+    return _upgrade(read_torch_file(path))
+
+
+def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint's state or an export, loaded without running code (``weights_only``).
+
+    Every file xmodal writes holds tensors and plain values only, so unpickling anything else
+    (an object whose loading would call arbitrary code) is refused.
+
+    Raises:
+        DataError: Naming the file: damaged, or holding objects other than tensors and plain values.
+    """
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise DataError(
+            f"{path}: holds objects other than tensors and plain values, refused without loading them "
+            f"(a checkpoint that could run code; {str(exc).splitlines()[0]})"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - any other failure to read is a bad file for the user
         raise DataError(f"{path}: cannot be read ({type(exc).__name__}: {exc}); the checkpoint is damaged") from exc
-    return _upgrade(saved)
 
 
 def rebuild_export(checkpoint_dir: str | Path, name: str) -> tuple[nn.Module, dict[str, Any]]:
