@@ -191,5 +191,6 @@ def test_xmodal_zoo_runs_the_real_arms_and_writes_the_zoo_report(tiny_world: Pat
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     zoo = (tmp_path / "sweeps" / "zoo-quick" / "report" / "zoo.md").read_text()
+    assert "## buildings (`test/iou`)" in done.stdout and "## Pretraining compute (per seed)" in done.stdout  # printed too
     assert "| kd | frozen |" in zoo and "| kd | finetuned |" in zoo and "| random | finetuned |" in zoo
     assert "| kd | teacher, pretrain |" in zoo and "| random | none | 0 |" in zoo

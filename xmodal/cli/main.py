@@ -119,6 +119,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"{result.name}: {shown}\n  results: {result.results_dir}\n  checkpoint: {result.checkpoint}")
 
 
+def _print_zoo(files: list[Path]) -> None:
+    """A zoo's tables on the console (its report files hold them, and the curves)."""
+    zoo = next((Path(f) for f in files if Path(f).name == "zoo.md"), None)
+    if zoo is not None:
+        print("\n" + "\n".join(line for line in zoo.read_text().splitlines() if not line.startswith("![")).strip(), flush=True)
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
     from xmodal.report.sweeps import render_sweep_report
     from xmodal.tune.sweep import run_sweep
@@ -128,6 +135,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if not args.no_report:
         files = render_sweep_report(result.sweep_dir)
         print(f"  report: {Path(files[0]).parent}", flush=True)
+        _print_zoo(files)
     if not result.states or set(result.states) == {"ERROR"}:
         raise XmodalError(f"sweep {result.name}: no trial finished; see the errors above and {result.sweep_dir}")
 
@@ -159,8 +167,10 @@ def cmd_report(args: argparse.Namespace) -> None:
     if "://" in args.path or is_sweep_folder(path):
         from xmodal.report.sweeps import render_sweep_report
 
-        for written in render_sweep_report(args.path, args.out):
+        files = render_sweep_report(args.path, args.out)
+        for written in files:
             print(written)
+        _print_zoo(files)
         return
     from xmodal.report.runs import render_run_report
 
