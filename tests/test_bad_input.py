@@ -98,3 +98,11 @@ def test_a_checkpoint_or_export_that_would_run_code_is_refused_without_running_i
     # What xmodal writes itself loads: tensors, nested dicts, lists and plain values.
     torch.save({"method": {"networks": {"m": {"w": torch.ones(2)}}}, "metrics": {"val/iou": 0.5, "epoch": 1}, "best": None}, state)
     assert read_torch_file(state)["metrics"]["val/iou"] == 0.5
+
+
+def test_metrics_files_hold_strict_json_a_nan_metric_is_null():
+    from xmodal.settings import json_safe
+
+    metrics = {"val/iou": float("nan"), "per_class": [float("inf"), 0.5], "epoch": 3, "nested": {"x": float("-inf")}}
+    text = json.dumps(json_safe(metrics), allow_nan=False)
+    assert json.loads(text) == {"val/iou": None, "per_class": [None, 0.5], "epoch": 3, "nested": {"x": None}}

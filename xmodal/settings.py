@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, TypeVar, Union
@@ -163,3 +164,15 @@ def get_dotted(data: Any, dotted: str, default: Any = None) -> Any:
             return default
         node = node[key]
     return node
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as ``None``: what strict JSON can hold (a NaN metric,
+    such as the IoU of a class a split lacks, is written as ``null``, never as the token ``NaN``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value

@@ -26,6 +26,7 @@ from xmodal.engine.config import ExperimentConfig
 from xmodal.engine.setup import BestTracker, build_method, metric_spec
 from xmodal.engine.training import LoopData, LoopState, run_epochs
 from xmodal.errors import DataError
+from xmodal.settings import json_safe
 from xmodal.methods.base import DataNeeds, DataSpec, MethodContext
 from xmodal.methods.exports import read_torch_file, save_exports
 
@@ -186,7 +187,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                     },
                     Path(folder) / STATE_FILE,
                 )
-                (Path(folder) / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+                (Path(folder) / METRICS_FILE).write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
                 save_exports(method.exports(), folder)
                 report_checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=report_checkpoint)

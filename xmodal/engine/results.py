@@ -18,7 +18,7 @@ from typing import Any
 
 from xmodal.engine.config import ExperimentConfig
 from xmodal.engine.storage import is_remote
-from xmodal.settings import to_dict
+from xmodal.settings import json_safe, to_dict
 
 RUN_FILE = "run.json"
 PANELS_FILE = "panels_test.png"
@@ -127,7 +127,7 @@ def write_run_results(folder: str | Path, summary: dict[str, Any], outcome: dict
     if outcome.get("panels"):
         render_panels(outcome["panels"], out / PANELS_FILE, title=title)
     save_artifacts(outcome.get("artifacts") or {}, out / ARTIFACTS_DIR)
-    (out / RUN_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    (out / RUN_FILE).write_text(json.dumps(json_safe(summary), indent=2, default=str, allow_nan=False))
 
 
 def read_run_result(config: ExperimentConfig) -> RunResult | None:
