@@ -16,6 +16,7 @@ from typing import Callable
 import pytest
 import torch
 import yaml
+from specs import small_segmentation_run
 
 from xmodal.cli.main import main
 from xmodal.engine.training import check_finite_losses
@@ -47,12 +48,7 @@ def test_bad_input_fails_before_training_with_one_line(tiny_world: Path, tmp_pat
     shutil.copytree(tiny_world, root)
     change(root)
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "bad", "method": "supervised", "method_settings": {"input": "sar"},
-        "data": {"root": str(root), "tile_size": 64, "batch_size": 4},
-        "model": {"arch": "unet", "encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 8]},
-        "train": {"epochs": 1}, "run": {"storage": str(tmp_path / "runs"), "panels": 0},
-    }))
+    config.write_text(yaml.safe_dump(small_segmentation_run("bad", str(root), str(tmp_path / "runs"), input="sar")))
     code = main(["run", str(config), "--plain", *overrides])
     err = capsys.readouterr().err
     assert code == 2, err

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from specs import small_segmentation_run
 
 from xmodal.cli.main import main
 
@@ -97,10 +98,7 @@ def test_train_plain_runs_a_chain_without_ray(tiny_world: Path, tmp_path: Path, 
 
     config = tmp_path / "chain.yaml"
     config.write_text(yaml.safe_dump({
-        "name": "cli-chain", "method": "supervised", "method_settings": {"input": "optical"},
-        "data": {"root": str(tiny_world), "tile_size": 64, "batch_size": 4},
-        "model": {"arch": "unet", "encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 8]},
-        "train": {"epochs": 1}, "run": {"storage": str(tmp_path / "runs"), "panels": 0},
+        **small_segmentation_run("cli-chain", str(tiny_world), str(tmp_path / "runs")),
         "phases": [{"name": "optical"}, {"name": "sar", "inputs": {"start": "optical"}, "overrides": {"method_settings": {"input": "sar", "init": "start"}}}],
     }))
     code, out, err = run(["run", str(config), "--plain"], capsys)
