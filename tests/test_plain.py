@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -37,12 +38,20 @@ def test_plain_loop_tests_the_best_validation_epoch(tiny_world: Path, tmp_path: 
     assert result.summary["tested_epoch"] == best + 1
     assert result.metrics["val/iou"] == pytest.approx(per_epoch[best], abs=5e-5)
     assert 0.0 <= result.metrics["test/iou"] <= 1.0 and len(result.summary["history"]) == 3
+    # When it ran, how long set-up took before the first step, and with what.
+    summary = result.summary
+    started, ended = (datetime.fromisoformat(summary[k]) for k in ("started", "ended"))
+    assert started.tzinfo is not None and 0 <= (ended - started).total_seconds() <= summary["wall_seconds"] + 1
+    assert 0 < summary["startup_seconds"] < summary["wall_seconds"]
+    assert summary["versions"]["torch"] == torch.__version__.split("+")[0]  # the distribution's version, without the local build tag
+    assert set(summary["versions"]) == {"python", "xmodal", "torch", "ray"} and summary["versions"]["xmodal"]
     # The tested checkpoint is the best epoch's; the last one is kept beside it.
-    state = torch.load(Path(result.checkpoint) / "state.pt", weights_only=False)
+    state = torch.load(Path(result.checkpoint) / "state.pt", weights_only=True)
     assert state["epoch"] + 1 == best + 1 and (Path(result.last_checkpoint) / "exports" / "model.pt").is_file()
     # Relaunching resumes from checkpoint_last: nothing to train, the same test result.
     (again,) = run_plain(config, log=lines.append)
     assert any("resumed from epoch 3" in line for line in lines) and again.metrics["test/iou"] == pytest.approx(result.metrics["test/iou"])
+    assert again.summary["startup_seconds"] is None  # it trained no step
 
 
 def test_is_better_follows_the_metric_mode():

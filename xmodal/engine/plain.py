@@ -68,7 +68,7 @@ def run_plain_single(
         ConfigError: Remote storage (the plain engine writes local checkpoints).
         DataError: Fewer training tiles than one batch.
     """
-    started = time.perf_counter()
+    started = time.time()
     if is_remote(config.run.storage):
         raise ConfigError(f"run.storage={config.run.storage!r}: the plain engine writes local checkpoints; give a folder")
     device = torch.device(device)
@@ -136,7 +136,7 @@ def run_plain_single(
         shutil.copytree(folder / LAST_DIR, folder / TESTED_DIR)
     summary = summarise(
         config, outcome, spec=spec, checkpoint=str(folder / TESTED_DIR), last_checkpoint=str(folder / LAST_DIR),
-        seconds=time.perf_counter() - started, inputs={name: ref.record() for name, ref in inputs.items()}, engine="plain",
+        started=started, inputs={name: ref.record() for name, ref in inputs.items()}, engine="plain",
     )
     write_run_results(out, summary, outcome, title=config.name)
     return RunResult(config.name, summary["metrics"], summary["checkpoint"], str(out), summary["last_checkpoint"], summary)

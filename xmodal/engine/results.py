@@ -3,7 +3,9 @@
 A run's results folder (``run.results`` or the run's storage, then the run name) holds:
 
 * ``run.json``: the run summary (what ran, on what data and labelled subset, from which input
-  checkpoints, which epoch was tested, its metrics, the tested and last checkpoints). Checkpoint
+  checkpoints, which epoch was tested, its metrics, the tested and last checkpoints; when it
+  started and ended, its start-up time before the first step, its wall time, and the versions of
+  Python, xmodal, torch and Ray it ran with). Checkpoint
   folders hold a different file, ``metrics.json``: that epoch's flat metrics.
 * ``panels_test.png``: the method's test panel; ``artifacts/``: the test artifacts (arrays, PNGs).
 * ``tensorboard/``: per-step and per-epoch curves.
@@ -12,7 +14,11 @@ A run's results folder (``run.results`` or the run's storage, then the run name)
 from __future__ import annotations
 
 import json
+import platform
+import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +80,21 @@ def summarise(
     spec: Any,
     checkpoint: str | None,
     last_checkpoint: str | None,
-    seconds: float,
+    started: float,
     inputs: dict[str, dict[str, Any]] | None = None,
     engine: str = "ray",
 ) -> dict[str, Any]:
-    """The run summary (``run.json``)."""
+    """The run summary (``run.json``).
+
+    Args:
+        started: When the run was launched (``time.time()``); with the loop's first training
+            step (``outcome["first_step_time"]``) it gives the start-up time, and with now the
+            wall time.
+    """
     from xmodal.engine.config import fingerprint
     from xmodal.methods.registry import get_method
 
+    ended, first_step = time.time(), outcome.get("first_step_time")
     metrics = {f"{split}/{k}": v for split in ("val", "test") for k, v in (outcome.get(split) or {}).items()}
     metric = get_method(config.method).metrics(config.method_settings, spec)
     return {
@@ -114,8 +127,28 @@ def summarise(
         "history": outcome.get("history", []),
         "engine": engine,
         "fingerprint": json.loads(json.dumps(fingerprint(config), default=str)),
-        "wall_seconds": round(seconds, 1),
+        "started": _utc(started),
+        "ended": _utc(ended),
+        "wall_seconds": round(ended - started, 1),
+        # Set-up before the first optimiser step: data preparation, worker start, model build.
+        "startup_seconds": round(first_step - started, 1) if isinstance(first_step, (int, float)) else None,
+        "versions": versions(),
     }
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of what a run ran with (read from the installed distributions, nothing imported)."""
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("xmodal", "torch", "ray"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def write_run_results(folder: str | Path, summary: dict[str, Any], outcome: dict[str, Any], title: str) -> None:

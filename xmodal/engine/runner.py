@@ -155,7 +155,7 @@ def run_single(config: ExperimentConfig, inputs: dict[str, ResolvedInput] | None
         RunFailedError: The workers failed more often than ``run.max_failures``; the message
             carries the workers' error, and finished checkpoints stay where they are.
     """
-    started = time.perf_counter()
+    started = time.time()
     inputs = inputs or {}
     check_resumable(config)
     plan, prepared = plan_run(config, {name: ray.train.Checkpoint(ref.location) for name, ref in inputs.items()})
@@ -168,7 +168,7 @@ def run_single(config: ExperimentConfig, inputs: dict[str, ResolvedInput] | None
     last = result.checkpoint.path if result.checkpoint is not None else None
     tested = _checkpoint_of_epoch(result, outcome.get("tested_epoch")) or last
     summary = summarise(
-        config, outcome, spec=plan.spec, checkpoint=tested, last_checkpoint=last, seconds=time.perf_counter() - started,
+        config, outcome, spec=plan.spec, checkpoint=tested, last_checkpoint=last, started=started,
         inputs={name: ref.record() for name, ref in inputs.items()},
     )
     write_run_results(plan.results_dir, summary, outcome, title=config.name)

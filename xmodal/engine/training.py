@@ -178,12 +178,14 @@ def run_epochs(
     Returns:
         ``epochs``, ``metric``, ``metric_mode``, ``select``, ``tested_epoch``, per split ``val`` /
         ``test`` metrics and ``<split>_per_class``, the test ``panels`` and ``artifacts``, and
-        ``history`` (the scalar metrics of each epoch trained in this call).
+        ``history`` (the scalar metrics of each epoch trained in this call) and ``first_step_time``
+        (``time.time()`` of its first training step; ``None`` when it trained none).
     """
     tracker = state.tracker
     epochs, global_step, last_val = config.train.epochs, state.global_step, dict(state.last_val)
     metric = tracker.metric
     history: list[dict[str, float]] = []
+    first_step: float | None = None  # when the first batch reached the method (start-up ends)
     for epoch in range(state.start_epoch, epochs):
         method.begin_epoch(epoch)
         started = time.perf_counter()
@@ -192,6 +194,8 @@ def run_epochs(
         fetched = time.perf_counter()
         for batch in _lockstep(data.train(), data.labelled() if data.labelled else None):
             waiting += time.perf_counter() - fetched
+            if first_step is None:
+                first_step = time.time()
             logs = method.train_step(to_device(batch, device), global_step)
             check_finite_losses(logs, epoch + 1, global_step, batch)
             steps += 1
@@ -236,6 +240,7 @@ def run_epochs(
         history.append({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith("val/")} | validated)
     outcome = _test(method, config, data, tracker, device, collectives, restore_weights, log)
     outcome["history"] = history
+    outcome["first_step_time"] = first_step
     return outcome
 
 
