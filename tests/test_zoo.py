@@ -111,7 +111,7 @@ def fabricate_zoo(folder: Path) -> None:
         task, share = params["phases.downstream.data.mask_layer"], params["phases.downstream.data.labels.fraction"]
         frozen = params.get("phases.downstream.method_settings.freeze_encoder") == "frozen"
         # kd best at 1 %, cmc best at 100 %; frozen 0.05 lower; seeds 0.02 apart.
-        base = {"kd": 0.40, "cmc": 0.30, "random": 0.20}[arm] if share == 0.01 else {"kd": 0.50, "cmc": 0.70, "random": 0.60}[arm]
+        base = {"kd": 0.40, "cmc": 0.30, "random": 0.20}[arm] if share == 0.01 else {"kd": 0.50, "cmc": 0.70, "random": 0.68}[arm]
         value = base - 0.05 * frozen + 0.02 * seed + (0.1 if task == "landcover" else 0.0)
         metric = "val/iou" if task == "buildings" else "val/miou"
         trial_id = f"t{index:03d}"
@@ -146,11 +146,12 @@ def test_the_zoo_report_tables_the_arms_with_their_spread_curve_and_compute(tmp_
     assert "## buildings (`test/iou`)" in zoo and "## landcover (`test/miou`)" in zoo
     assert "| kd | finetuned | 0.410 +- 0.010 (2) | 0.510 +- 0.010 (2) |" in zoo
     assert "| kd | frozen | 0.360 +- 0.010 (2) | 0.460 +- 0.010 (2) |" in zoo
-    assert "| random | finetuned | 0.210 +- 0.010 (2) | 0.610 +- 0.010 (2) |" in zoo
+    assert "| random | finetuned | 0.210 +- 0.010 (2) | 0.690 +- 0.010 (2) |" in zoo
     assert "| random | frozen |" not in zoo
     assert ("- buildings @ 1 %: **kd** (finetuned) 0.410 +- 0.010 (2); next kd (frozen) 0.360 +- 0.010 (2); "
             "no pretraining (random) 0.210 +- 0.010 (2) - lead beyond both s.e.") in zoo
-    assert "- landcover @ 100 %: **cmc** (finetuned) 0.810 +- 0.010 (2)" in zoo
+    # The floor is named once, as the runner-up here; leads within one s.e. of each side are not claimed.
+    assert "- landcover @ 100 %: **cmc** (finetuned) 0.810 +- 0.010 (2); next random (finetuned) 0.790 +- 0.010 (2) - within the spread" in zoo
     # Compute per seed: kd read teacher + reconstruction (30.5 + 40.5 s), cmc its pretraining, random none.
     assert "| kd | teacher, pretrain | 71 | 0.020 | 0.000 |" in zoo
     assert "| cmc | pretrain | 100 | 0.028 | 0.000 |" in zoo

@@ -226,7 +226,7 @@ def render_zoo_report(spec: SweepSpec, trials: list[dict[str, Any]], out_dir: Pa
         versus = f"; next {second['arm']} ({_encoder_text(second['encoder'])}) {_cell_text(second)}" if second else ""
         for floor in floors:
             cell = max((c for c in cells if (c["arm"], c["task"], c["share"]) == (floor, entry["task"], entry["share"])), key=lambda c: c["mean"], default=None)
-            if cell is not None and cell is not best:
+            if cell is not None and cell is not best and cell is not second:
                 versus += f"; no pretraining ({floor}) {_cell_text(cell)}"
         verdict = (" - lead beyond both s.e." if entry["clear"] else " - within the spread" if best["n"] > 1 else " - one seed: no spread to judge by")
         lines.append(f"- {entry['task']} @ {_share_text(entry['share'])}: **{best['arm']}** ({_encoder_text(best['encoder'])}) {_cell_text(best)}{versus}{verdict}")
