@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from xmodal.engine.chain import upstream_phases
-from xmodal.engine.config import phase_config, read_yaml
+from xmodal.engine.config import phase_configs, read_yaml
 from xmodal.errors import ConfigError
 from xmodal.report.sweeps import load_trials, render_sweep_report
 from xmodal.tune.spec import load_sweep, validation_points, zoo_keys
@@ -31,8 +31,7 @@ ARMS = ["kd", "cmc", "swd", "cromss", "matching", "supervised", "random"]
 
 
 def _phase_runs(spec, params, seed):
-    config = spec.build_trial(params, seed, "t")
-    return {p.name: phase_config(config, p) for p in config.phases}
+    return phase_configs(spec.build_trial(params, seed, "t"))
 
 
 def test_the_zoo_sweeps_cover_every_arm_and_share_each_pretraining_per_seed(tmp_path: Path):

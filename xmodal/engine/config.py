@@ -257,6 +257,11 @@ def phase_config(config: ExperimentConfig, phase: PhaseSettings) -> ExperimentCo
         raise ConfigError(f"phase {phase.name!r}: {exc}") from exc
 
 
+def phase_configs(config: ExperimentConfig) -> dict[str, ExperimentConfig]:
+    """Every phase's run config, by phase name in chain order (empty for a config without phases)."""
+    return {phase.name: phase_config(config, phase) for phase in config.phases}
+
+
 def check_declarations(config: ExperimentConfig) -> None:
     """Refuse what the configured method declares it cannot do without: optimiser sections it has
     no optimiser for, and input checkpoints it reads that the config does not give."""

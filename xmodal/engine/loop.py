@@ -26,9 +26,9 @@ from xmodal.engine.config import ExperimentConfig
 from xmodal.engine.setup import BestTracker, build_method, metric_spec
 from xmodal.engine.training import LoopData, LoopState, run_epochs
 from xmodal.errors import DataError
-from xmodal.settings import json_safe
 from xmodal.methods.base import DataNeeds, DataSpec, MethodContext
 from xmodal.methods.exports import read_torch_file, save_exports
+from xmodal.settings import json_safe
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"  # per-checkpoint metrics (the run's summary is run.json, see the runner)

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from xmodal.engine.chain import upstream_phases
-from xmodal.engine.config import phase_config
+from xmodal.engine.config import phase_configs
+from xmodal.engine.results import RUN_FILE
 from xmodal.report.stats import mean_and_error
 from xmodal.settings import get_dotted
 from xmodal.tune.spec import SweepSpec, ZooKeys, final_config, split_phase_key, zoo_keys
@@ -54,8 +55,9 @@ class PretrainingCost:
     gpu_hours: float
 
 
-def _run_summary(results_root: Path, run_name: str) -> dict[str, Any]:
-    path = results_root / run_name / "run.json"
+def _run_summary(results_dir: Path) -> dict[str, Any]:
+    """A run's ``run.json`` (empty when the run left none)."""
+    path = results_dir / RUN_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -67,11 +69,11 @@ def pretraining_cost(spec: SweepSpec, trial: dict[str, Any]) -> PretrainingCost 
     names = json.loads(final["phase_runs"])
     results_root = Path(final["results_dir"]).parent
     config = spec.build_trial(trial["params"], trial["seed"], "zoo")
-    runs = {p.name: phase_config(config, p) for p in config.phases}
+    runs = phase_configs(config)
     cost = PretrainingCost(phases=[], runs=[], wall_seconds=0.0, cpu_hours=0.0, gpu_hours=0.0)
     for phase in upstream_phases(runs, config.phases[-1].name, read=True):
         name = names.get(phase)
-        wall = _run_summary(results_root, name).get("wall_seconds") if name else None
+        wall = _run_summary(results_root / name).get("wall_seconds") if name else None
         if not isinstance(wall, (int, float)):
             return None
         scaling = runs[phase].scaling
@@ -83,10 +85,10 @@ def pretraining_cost(spec: SweepSpec, trial: dict[str, Any]) -> PretrainingCost 
     return cost
 
 
-def test_metric(trial: dict[str, Any]) -> tuple[str, float] | None:
+def trial_test_metric(trial: dict[str, Any]) -> tuple[str, float] | None:
     """The test counterpart of the metric the trial's last run selected by, and its value."""
     final = trial.get("final") or {}
-    selected = _run_summary(Path(final["results_dir"]).parent, Path(final["results_dir"]).name).get("metric") if final.get("results_dir") else None
+    selected = _run_summary(Path(final["results_dir"])).get("metric") if final.get("results_dir") else None
     name = str(selected).replace("val/", "test/", 1) if selected else next((m for m in ("test/iou", "test/miou") if m in final), None)
     value = final.get(name) if name else None
     if not isinstance(value, (int, float)) or math.isnan(value):
@@ -107,7 +109,7 @@ def zoo_cells(spec: SweepSpec, trials: list[dict[str, Any]], keys: ZooKeys) -> l
     """Finished trials grouped by arm, encoder, task and share: mean +- s.e. of the test metric over seeds."""
     cells: dict[tuple[Any, ...], dict[str, Any]] = {}
     for trial in trials:
-        measured = test_metric(trial) if trial["state"] == "TERMINATED" else None
+        measured = trial_test_metric(trial) if trial["state"] == "TERMINATED" else None
         if measured is None:
             continue
         params = trial["params"]

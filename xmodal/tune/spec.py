@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xmodal.engine.config import ExperimentConfig, _TOP_LEVEL, build_config, parse_overrides, phase_config, read_yaml
+from xmodal.engine.config import ExperimentConfig, _TOP_LEVEL, build_config, parse_overrides, phase_configs, read_yaml
 from xmodal.errors import ConfigError
 from xmodal.settings import from_dict, get_dotted, merge, set_dotted, to_dict
 
@@ -683,7 +683,7 @@ def zoo_keys(spec: SweepSpec) -> ZooKeys:
 
 def phase_runs(config: ExperimentConfig) -> list[ExperimentConfig]:
     """The runs a trial makes: the config itself, or each phase of its chain."""
-    return [phase_config(config, phase) for phase in config.phases] if config.phases else [config]
+    return list(phase_configs(config).values()) if config.phases else [config]
 
 
 def _check_plain_trial(spec: SweepSpec, trial: ExperimentConfig) -> None:

@@ -372,7 +372,7 @@ def sweep_trial(tune_config: dict[str, Any], plan: TrialPlan) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from xmodal.engine.chain import run_chain, upstream_phases
-    from xmodal.engine.config import phase_config
+    from xmodal.engine.config import phase_configs
     from xmodal.engine.results import read_run_result
     from xmodal.engine.runner import run_single
 
@@ -407,7 +407,7 @@ def sweep_trial(tune_config: dict[str, Any], plan: TrialPlan) -> None:
             return train(run, inputs, followed=False)
 
     # Phases the last one does not take inputs from (an arm that drops a pretraining) are not run.
-    runs = {phase.name: phase_config(config, phase) for phase in config.phases}
+    runs = phase_configs(config)
     needed = upstream_phases(runs, last_phase) + [last_phase] if last_phase else None
     result = run_chain(config, run_one, only_phases=needed if needed and len(needed) < len(runs) else None)[-1]
     final: dict[str, Any] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
