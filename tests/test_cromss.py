@@ -178,7 +178,7 @@ def test_ssl4eo_pretraining_then_dfc2020_transfer_through_their_readers(tmp_path
     from xmodal.engine.config import build_config
     from xmodal.engine.plain import run_plain
 
-    common = {"tile_size": 32, "batch_size": 2}
+    common = {"tile_size": 32, "batch_size": 2, "allow_padding": True}  # the fixture's 24 px tiles
     base = {"model": {"arch": "unet", "encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 8]},
             "train": {"epochs": 1, "optimizer": "adam", "lr": 0.005}, "run": {"storage": str(tmp_path / "runs"), "panels": 0}}
     # SSL4EO's only labels are Dynamic World's: the noisy layer is also the evaluation reference.

@@ -78,7 +78,7 @@ def test_ray_data_reads_the_packed_store(tiny_world: Path, tmp_path: Path, ray_l
 
 def test_data_settings_errors(tiny_world: Path, tmp_path: Path):
     with pytest.raises(ConfigError, match="data.mask_layer='roads'"):
-        prepare_data(DataSettings(root=str(tiny_world), mask_layer="roads"))
+        prepare_data(DataSettings(root=str(tiny_world), mask_layer="roads", tile_size=64))
     with pytest.raises(DataError, match="not found"):
         prepare_data(DataSettings(root=str(tmp_path / "missing")))
     with pytest.raises(ConfigError, match="labels.fraction"):

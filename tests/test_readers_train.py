@@ -52,7 +52,7 @@ def prepared_config(tmp_path: Path, reader_name: str, maker: str, layer: str | N
             "name": f"reader-{reader_name}",
             "method": "supervised",
             "method_settings": {"input": modality, "task": task},
-            "data": {"root": str(tmp_path / "prepared"), "mask_layer": layer, "tile_size": 32, "batch_size": 1},
+            "data": {"root": str(tmp_path / "prepared"), "mask_layer": layer, "tile_size": 32, "batch_size": 1, "allow_padding": True},
             "model": {"arch": "unet", "encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 4]},
             "train": {"epochs": 1},
             "run": {"storage": str(tmp_path / "runs"), "panels": 1},

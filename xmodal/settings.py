@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from typing import Any, TypeVar, Union
@@ -18,6 +19,8 @@ from xmodal.errors import ConfigError
 
 T = TypeVar("T")
 _MISSING = object()
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _type_name(tp: Any) -> str:
@@ -75,6 +78,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 (PyYAML) reads 1e-3 as a string; YAML 1.2 and users read a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
@@ -115,6 +120,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
     try:
         return cls(**kwargs)
     except ConfigError as exc:
+        if prefix and str(exc).startswith(prefix):  # the message names the key already
+            raise
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {exc}") from exc
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {exc}") from exc

@@ -252,10 +252,7 @@ class Manifest:
                     f"{path}: not found; a prepared dataset folder needs {DATASET_FILE} and {MANIFEST_FILE} "
                     "(make one with `xmodal data synth` or a reader)"
                 )
-        try:
-            info = DatasetInfo.from_dict(json.loads(info_path.read_text()), source=str(info_path))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{info_path}: not valid JSON ({exc})") from exc
+        info = DatasetInfo.from_dict(read_json(info_path), source=str(info_path))
         try:
             table = pq.read_table(table_path)
         except (pa.ArrowInvalid, OSError) as exc:
@@ -268,3 +265,26 @@ class Manifest:
     def with_records(self, records: list[dict[str, Any]]) -> Manifest:
         """A manifest of the same dataset holding other records (a split, a subset)."""
         return Manifest(info=self.info, records=[dict(r) for r in records], folder=self.folder)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's contents.
+
+    Raises:
+        DataError: Naming the file, when it is not UTF-8 text (a binary file) or not valid JSON.
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not a text file (byte {exc.start} is not UTF-8); expected JSON") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+
+
+def declared_reader(root: Path) -> str | None:
+    """The reader a prepared folder's ``dataset.json`` names (``None`` when the folder has none)."""
+    path = Path(root) / DATASET_FILE
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    return data.get("reader") if isinstance(data, dict) else None

@@ -16,7 +16,7 @@ import numpy as np
 
 from xmodal.data.labels import LabelSettings, choose_labelled, oversample
 from xmodal.data.manifest import DATASET_FILE, STATS_FILE, Manifest
-from xmodal.data.readers.base import LoadOptions, detect_reader
+from xmodal.data.readers.base import LoadOptions, detect_reader, get_reader
 from xmodal.data.splits import check_no_leakage
 from xmodal.data.stats import DatasetStats, compute_stats, load_stats, save_stats
 from xmodal.data.transforms import AugmentSettings, Decoder
@@ -44,6 +44,11 @@ class DataSettings:
         shuffle_buffer: Local shuffle buffer (rows) on each training worker.
         augment: Training augmentation.
         reader_options: Options passed to the reader when indexing a raw folder.
+        allow_padding: Let ``tile_size`` exceed the dataset's tiles, padding them with no-data
+            (e.g. 120 px tiles fed to a model that needs 128); refused otherwise.
+        check_tiles: Tiles decoded before a run starts, to refuse broken data before any worker
+            does: every tile when the run's splits hold no more, else this many evenly spread
+            (0: none).
     """
 
     root: str = "data/synthetic"
@@ -60,12 +65,16 @@ class DataSettings:
     shuffle_buffer: int = 64
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     reader_options: dict[str, Any] = field(default_factory=dict)
+    allow_padding: bool = False
+    check_tiles: int = 256
 
     def __post_init__(self) -> None:
+        if self.check_tiles < 0:
+            raise ConfigError(f"data.check_tiles={self.check_tiles}; expected >= 0 (0 decodes none before the run)")
         if self.cache not in ("auto", "always", "never"):
             raise ConfigError(f"data.cache={self.cache!r}; expected auto, always or never")
         if self.tile_size <= 0 or self.batch_size <= 0:
-            raise ConfigError("data.tile_size and data.batch_size must be positive")
+            raise ConfigError(f"data.tile_size={self.tile_size}, data.batch_size={self.batch_size}; expected both > 0")
 
     def load_options(self) -> LoadOptions:
         return LoadOptions(mask_layer=self.mask_layer, noisy_layer=self.noisy_layer)
@@ -152,6 +161,10 @@ class PreparedData:
         settings = self.settings
         return Decoder(self.info, self.manifest.data_root, settings.load_options(), settings.sar_db, keep_optical_label=self.optical_labels)
 
+    def tile_id(self, index: int) -> str:
+        """The id of the tile at ``index`` in the manifest (a sample's ``index`` field)."""
+        return str(self.manifest.records[index]["tile_id"])
+
     def num_classes(self) -> int:
         """Classes of the mask layer (or scene classes when no mask layer is used)."""
         layer = self.settings.mask_layer
@@ -211,6 +224,13 @@ def prepare_data(settings: DataSettings, *, compute_missing_stats: bool = True) 
     """
     manifest = resolve_manifest(settings)
     info = manifest.info
+    get_reader(info.reader, source=str(Path(manifest.folder or settings.root) / DATASET_FILE))
+    if info.tile_size and settings.tile_size > info.tile_size and not settings.allow_padding:
+        raise ConfigError(
+            f"data.tile_size={settings.tile_size} is larger than the {info.tile_size} px tiles of dataset {info.name!r} "
+            f"({Path(manifest.folder or settings.root) / DATASET_FILE}); expected <= {info.tile_size}, or data.allow_padding: "
+            f"true to pad them with no-data ({padding_share(info.tile_size, settings.tile_size):.0%} of each tile)"
+        )
     for key in ("mask_layer", "noisy_layer"):
         layer = getattr(settings, key)
         if layer is not None and layer not in info.layers:
@@ -236,6 +256,11 @@ def prepare_data(settings: DataSettings, *, compute_missing_stats: bool = True) 
     if stats.sar_db != settings.sar_db:
         raise DataError(f"{stats_path}: computed with sar_db={stats.sar_db} but data.sar_db={settings.sar_db}; recompute")
     return PreparedData(manifest=manifest, stats=stats, settings=settings)
+
+
+def padding_share(tile: int, wanted: int) -> float:
+    """The share of a ``wanted`` x ``wanted`` input that a ``tile`` x ``tile`` tile leaves as padding."""
+    return 1.0 - (min(tile, wanted) / wanted) ** 2
 
 
 def _signature_path(folder: Path) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from xmodal.data.bands import BandSet, sar_to_db
-from xmodal.data.manifest import STATS_FILE, Manifest
+from xmodal.data.manifest import STATS_FILE, Manifest, read_json
 from xmodal.data.readers.base import LoadOptions, get_reader
 from xmodal.errors import DataError
 
@@ -213,7 +213,4 @@ def load_stats(folder: str | Path) -> DatasetStats:
     path = Path(folder) / STATS_FILE
     if not path.is_file():
         raise DataError(f"{path}: not found; compute it once with `xmodal data stats {folder}`")
-    try:
-        return DatasetStats.from_dict(json.loads(path.read_text()), source=str(path))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    return DatasetStats.from_dict(read_json(path), source=str(path))

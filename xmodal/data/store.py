@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xmodal.data.manifest import STATS_FILE, DatasetInfo, Manifest, record_extra, record_meta
+from xmodal.data.manifest import STATS_FILE, DatasetInfo, Manifest, declared_reader, record_extra, record_meta
 from xmodal.data.readers.base import IndexResult, LoadOptions, Reader, get_reader, register_reader
 from xmodal.data.sample import PairedSample
 from xmodal.errors import DataError
@@ -141,8 +141,7 @@ class PackedReader(Reader):
 
     @classmethod
     def detect(cls, root: Path) -> bool:
-        info = root / "dataset.json"
-        return info.is_file() and f'"reader": "{PACKED_READER}"' in info.read_text()
+        return declared_reader(root) == PACKED_READER
 
     @classmethod
     def index(cls, root: Path, **options: Any) -> IndexResult:

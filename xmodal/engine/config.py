@@ -287,7 +287,7 @@ def fingerprint(config: ExperimentConfig) -> dict[str, Any]:
     """
     plain = config.to_plain()
     data = dict(plain["data"])
-    for key in ("batch_size", "blocks", "cache", "shuffle_buffer"):
+    for key in ("batch_size", "blocks", "cache", "shuffle_buffer", "check_tiles", "allow_padding"):
         data.pop(key, None)
     train = {k: v for k, v in plain["train"].items() if k != "epochs"}
     return {
@@ -297,3 +297,40 @@ def fingerprint(config: ExperimentConfig) -> dict[str, Any]:
         "data": data,
         "train": train,
     }
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out.update(_flatten(inner, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The settings two fingerprints differ in, as ``key: saved -> current`` (dotted keys)."""
+    old, new = _flatten(saved), _flatten(current)
+    missing = object()
+    return [
+        f"{key}: {old.get(key, 'unset')!r} -> {new.get(key, 'unset')!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key, missing) != new.get(key, missing)
+    ]
+
+
+def check_same_run(saved: dict[str, Any] | None, config: ExperimentConfig, where: str) -> None:
+    """Refuse to resume a run whose checkpoint was trained with other settings.
+
+    Raises:
+        ConfigError: Listing the settings that differ, and the ways out.
+    """
+    current = fingerprint(config)
+    if saved == current:
+        return
+    changes = fingerprint_changes(saved or {}, current)
+    shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+    raise ConfigError(
+        f"run {config.name!r} already exists in {where} with other settings ({shown}); "
+        "launch it with the settings it was started with to resume it, choose another name, or delete that folder to start over"
+    )

@@ -42,7 +42,7 @@ from torch import nn
 
 from xmodal.errors import ConfigError
 from xmodal.methods.optim import MAIN, OptimSettings, Stepper
-from xmodal.models import recipe_of, unwrap_model
+from xmodal.models import check_encoder_name, get_architecture, list_architectures, recipe_of, unwrap_model
 
 # Batch fields a method may declare it reads.
 FIELDS = ("sar", "optical", "mask", "noisy_mask", "label", "optical_label")
@@ -75,6 +75,12 @@ class ModelSettings:
     def __post_init__(self) -> None:
         if self.norm not in ("batch", "instance", "none"):
             raise ConfigError(f"model.norm={self.norm!r}; expected batch, instance or none")
+        try:
+            get_architecture(self.arch)
+        except ConfigError:
+            raise ConfigError(f"model.arch={self.arch!r} is not an architecture; expected one of {list_architectures()}") from None
+        if self.encoder is not None:
+            check_encoder_name(self.encoder, "model.encoder")
 
     def classifier_kwargs(self, in_channels: int, num_classes: int, input_size: int, **extra: Any) -> dict[str, Any]:
         """Arguments of ``build_network("classifier", ...)``: this encoder (depth 5 by default) with

@@ -202,23 +202,28 @@ def _refuse_pretrained(kwargs: Mapping[str, Any]) -> None:
             )
 
 
-def _check_encoder_name(encoder: Any) -> str:
+def check_encoder_name(encoder: Any, key: str = "encoder") -> str:
+    """``encoder`` if smp or timm (``tu-<name>``) knows it.
+
+    Raises:
+        ConfigError: Naming ``key``, the value and the closest known names.
+    """
     import segmentation_models_pytorch as smp
     import timm
 
     if not isinstance(encoder, str) or not encoder:
-        raise ConfigError(f"encoder={encoder!r}: expected an smp encoder name or 'tu-<timm model name>'")
+        raise ConfigError(f"{key}={encoder!r}: expected an smp encoder name or 'tu-<timm model name>'")
     if encoder.startswith("tu-"):
         timm_name = encoder[3:]
         if not timm.is_model(timm_name):
             close = difflib.get_close_matches(timm_name, timm.list_models(), n=5)
-            raise ConfigError(f"encoder={encoder!r}: timm has no model {timm_name!r}; close timm names: {close}")
+            raise ConfigError(f"{key}={encoder!r}: timm has no model {timm_name!r}; close timm names: {close}")
         return encoder
     if encoder not in smp.encoders.encoders:
         close = difflib.get_close_matches(encoder, list(smp.encoders.encoders), n=5)
         raise ConfigError(
-            f"encoder={encoder!r} is not an smp encoder (closest: {close}); expected one of {list_encoders()} "
-            "or 'tu-<timm model name>' for a timm encoder"
+            f"{key}={encoder!r} is not an smp encoder; closest: {close} "
+            "(xmodal.models.list_encoders() lists all; 'tu-<timm model name>' takes a timm encoder)"
         )
     return encoder
 
@@ -302,7 +307,7 @@ def _register_smp(
         import segmentation_models_pytorch as smp
 
         model_class = getattr(smp, class_name)
-        _check_encoder_name(encoder)
+        check_encoder_name(encoder)
         arguments = dict(kwargs)
         decoder_kwargs = convert(decoder_channels, encoder_depth) if convert is not None else {}
         clashes = sorted(set(decoder_kwargs) & set(kwargs)) if decoder_channels is not None else []
@@ -524,7 +529,7 @@ def create_encoder(
     _refuse_pretrained(kwargs)
     for key in _PRETRAINED_KWARGS:
         kwargs.pop(key, None)
-    _check_encoder_name(encoder)
+    check_encoder_name(encoder)
     if norm not in NORMS:
         raise ConfigError(f"norm={norm!r}: expected one of {list(NORMS)}")
     if kwargs and not encoder.startswith("tu-"):

@@ -81,13 +81,14 @@ def register_reader(cls: type[Reader]) -> type[Reader]:
     return cls
 
 
-def get_reader(name: str) -> type[Reader]:
-    """The reader registered as ``name``."""
+def get_reader(name: str, source: str | None = None) -> type[Reader]:
+    """The reader registered as ``name`` (``source``: the file that names it, for the error)."""
     _import_builtin_readers()
     try:
         return READERS[name]
-    except KeyError:
-        raise DataError(f"unknown reader {name!r}; known readers: {sorted(READERS)}") from None
+    except (KeyError, TypeError):
+        where = f"{source}: reader={name!r}" if source else f"reader {name!r}"
+        raise DataError(f"{where} is not a known reader; expected one of {sorted(READERS)}") from None
 
 
 def detect_reader(root: str | Path) -> type[Reader]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from xmodal.data.geotiff import check_same_grid, read_raster
-from xmodal.data.manifest import DATASET_FILE, MANIFEST_FILE, DatasetInfo, Manifest, record_layers, record_meta
+from xmodal.data.manifest import DATASET_FILE, MANIFEST_FILE, DatasetInfo, Manifest, declared_reader, record_layers, record_meta
 from xmodal.data.readers.base import IndexResult, LoadOptions, Reader, register_reader
 from xmodal.data.sample import PairedSample
 from xmodal.errors import DataError
@@ -43,7 +43,7 @@ class NativeReader(Reader):
         info = root / DATASET_FILE
         if not (info.is_file() and (root / MANIFEST_FILE).is_file()):
             return False
-        return '"reader": "xmodal"' in info.read_text()
+        return declared_reader(root) == cls.name
 
     @classmethod
     def index(cls, root: Path, **options: Any) -> IndexResult:
