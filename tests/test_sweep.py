@@ -247,6 +247,7 @@ def test_report_of_a_label_fraction_sweep(tmp_path: Path):
     assert "## Best configuration" in report and "busy 86%" in report
     assert "## Configurations over seeds (mean +- standard error, n seeds)" in report
     assert "| 1 | 2 | 0.4050 +- 0.0050 | 0.3000 +- 0.0000 |" in report
+    assert "1 failed and 0 unfinished trial(s)" in report and "resume with `xmodal sweep CONFIG --resume`" in report
     rows = list(csv.DictReader((folder / "report" / "trials.csv").open()))
     assert len(rows) == 5 and {r["state"] for r in rows} == {"TERMINATED", "ERROR"}
     best = (folder / "report" / "best.yaml").read_text()
@@ -396,3 +397,11 @@ def test_grid_trials_take_turns_between_the_first_parameters_values():
     ordered = round_robin(points, "arm")
     assert [p["arm"] for p in ordered] == ["kd", "cmc", "random", "kd", "cmc", "random", "kd"]
     assert sorted(map(str, ordered)) == sorted(map(str, points))  # the same points, reordered
+
+
+def test_a_trials_xmodal_error_is_reported_without_its_class_path():
+    from xmodal.report.sweeps import _last_error_line
+
+    text = "Failure # 1\nTraceback (most recent call last):\n  File x\nxmodal.errors.RunFailedError: /d/sar.tif: cannot be read as a GeoTIFF\n"
+    assert _last_error_line(text) == "/d/sar.tif: cannot be read as a GeoTIFF"
+    assert _last_error_line("Traceback\nRuntimeError: worker died") == "RuntimeError: worker died"

@@ -146,6 +146,9 @@ def build_dataset(
         train: Augment, with the method's views (defaults to ``split == "train"``).
         cache: Materialise decoded tiles (defaults to :func:`should_cache`).
     """
+    # A decode error (a DataError naming the broken file) reaches the worker as itself rather than
+    # as Ray Data's generic UserCodeException, so the run is not retried and says what is wrong.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     train = split == TRAIN if train is None else train
     records = prepared.records(split) if records is None else records
     if not records:

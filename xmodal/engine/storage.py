@@ -37,3 +37,17 @@ def write_text(location: str, text: str) -> None:
         return
     Path(location).parent.mkdir(parents=True, exist_ok=True)
     Path(location).write_text(text)
+
+
+def delete_tree(location: str) -> None:
+    """Remove a local folder or an object-store prefix with everything under it (nothing if absent)."""
+    if is_remote(location):
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(location)
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+            fs.delete_dir(path)
+        return
+    import shutil
+
+    shutil.rmtree(location, ignore_errors=True)

@@ -184,10 +184,11 @@ def load_trials(folder: str | Path) -> list[dict[str, Any]]:
 
 
 def _last_error_line(text: str) -> str:
+    """The last error of a trial's ``error.txt``; xmodal's own errors without their class path."""
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("Failure #")]
     for line in reversed(lines):
         if re.match(r"^[\w.]*(Error|Exception)\b", line) or "Error:" in line:
-            return line[:300]
+            return re.sub(r"^xmodal\.[\w.]*Error: ", "", line)[:300]
     return lines[-1][:300] if lines else "failed"
 
 
@@ -404,6 +405,14 @@ def render_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) ->
         f"Wall time {usage['wall_seconds']:.0f} s, {usage['trials_per_hour']:.1f} trials/hour, "
         f"trial slots busy {100 * usage['busy_share']:.0f}% (of {slots} slot(s) x wall time)."
     )
+    failed = counts.get("ERROR", 0)
+    unfinished = sum(counts.get(state, 0) for state in ("RUNNING", "PENDING", "PAUSED"))
+    if failed or unfinished:
+        lines.append(
+            f"{failed} failed and {unfinished} unfinished trial(s) (errors in the Trials table; an error that would come back "
+            "is not retried): once fixed, resume with `xmodal sweep CONFIG --resume`, with the config, overrides and name "
+            "the sweep started with; finished trials are kept, the others resume from their last checkpoint."
+        )
     lines.append("")
     if zoo_files:
         lines += [f"The pretext zoo's table, label-efficiency curves and compute: [`{zoo_files[0].name}`]({zoo_files[0].name}).", ""]

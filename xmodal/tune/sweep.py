@@ -41,8 +41,8 @@ from ray.tune.search import ConcurrencyLimiter, Repeater
 
 from xmodal.engine.config import ExperimentConfig
 from xmodal.engine.session import connect, state_api_available
-from xmodal.engine.storage import is_remote, read_text, write_text
-from xmodal.errors import ConfigError, XmodalError
+from xmodal.engine.storage import delete_tree, is_remote, read_text, write_text
+from xmodal.errors import ConfigError, RunFailedError, XmodalError, error_line, permanent_cause
 from xmodal.tune.spec import FINAL_KEY, GRID_POINT_KEY, RUN_FILE, SEED_KEY, SPEC_FILE, SweepSpec, final_config, load_sweep, phase_runs
 
 SHARED_DIR = "shared"
@@ -360,12 +360,40 @@ class _Lease:
         ray.get(self.locks.release.remote(self.key, self.holder))
 
 
+PERMANENT_FAILURES_DIR = "failed-permanently"
+
+
+def permanent_failure_marker(folder: str, trial_id: str) -> str:
+    """Where a trial's permanent error is kept, so Tune's retries of it end at once (a resume clears them)."""
+    return f"{folder.rstrip('/')}/{PERMANENT_FAILURES_DIR}/trial-{trial_id}.txt"
+
+
 def sweep_trial(tune_config: dict[str, Any], plan: TrialPlan) -> None:
     """Tune function trainable: one Ray Train run (or a phase chain), epochs forwarded to Tune.
 
     After training, one last report carries the test metrics (``sweep/final`` = 1) and the
-    checkpoint that was tested.
+    checkpoint that was tested. A trial that failed with an error that would come back (bad
+    config or data, a non-finite loss) is not run again by Tune's retries: they re-raise it.
     """
+    import ray
+    from ray import tune
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    trial_id = tune.get_context().get_trial_id()
+    marker = permanent_failure_marker(plan.sweep_dir, trial_id)
+    earlier = read_text(marker)
+    if earlier:  # Tune retries every failed trial; this one would fail the same way again
+        raise RunFailedError(earlier, permanent=True)
+    try:
+        _sweep_trial(tune_config, plan, trial_id)
+    except XmodalError as exc:
+        if permanent_cause(exc) is not None:
+            write_text(marker, error_line(exc))
+        raise
+
+
+def _sweep_trial(tune_config: dict[str, Any], plan: TrialPlan, trial_id: str) -> None:
+    """The body of :func:`sweep_trial`: the trial's run or chain, and its final report."""
     import ray
     import torch
     from ray import tune
@@ -376,8 +404,6 @@ def sweep_trial(tune_config: dict[str, Any], plan: TrialPlan) -> None:
     from xmodal.engine.results import read_run_result
     from xmodal.engine.runner import run_single
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    trial_id = tune.get_context().get_trial_id()
     config = trial_config(plan, tune_config, trial_id)
     last_phase = config.phases[-1].name if config.phases else None
     phase_names: dict[str, str] = {}
@@ -554,6 +580,7 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
         trainable = tune.with_resources(tune.with_parameters(sweep_trial, plan=plan), actor)
         if resume:
             keep_trial_results(folder)
+            delete_tree(f"{folder.rstrip('/')}/{PERMANENT_FAILURES_DIR}")  # the user may have fixed their cause
             tuner = tune.Tuner.restore(folder, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False)
             print(f"[sweep {spec.name}] resuming from {folder}", flush=True)
         else:
