@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -88,17 +89,34 @@ def test_two_worker_landcover_baseline_beats_chance_and_writes_results(tiny_worl
     assert summary["tested_epoch"] == best["epoch"] in (5, 10)
     assert {k: v for k, v in result.metrics.items() if k.startswith("val/")} == best["val"]
 
-    # Relaunching the same run resumes from its last checkpoint instead of retraining.
-    again = build_config(tiny_config(tiny_world, tmp_path, train={"epochs": 11, "lr": 0.005, "schedule": "constant"}))
+    # A kill between a checkpoint folder reaching storage and Ray recording it: an epoch-11
+    # checkpoint Ray does not know (here a copy of epoch 10's, one epoch further on), and a
+    # checkpoint cut short while being written.
+    per_epoch = first_steps // 10
+    stray = checkpoint.with_name("checkpoint_2999-01-01_00-00-00.000000")
+    shutil.copytree(checkpoint, stray)
+    torch.save({**state, "epoch": 10, "global_step": first_steps + per_epoch}, stray / "state.pt")
+    damaged = checkpoint.with_name("checkpoint_2999-01-01_00-00-01.000000")
+    shutil.copytree(checkpoint, damaged)
+    (damaged / "state.pt").write_bytes((damaged / "state.pt").read_bytes()[:1000])
+    # Relaunching the same run resumes from the last complete checkpoint: the adopted one.
+    again = build_config(tiny_config(tiny_world, tmp_path, train={"epochs": 12, "lr": 0.005, "schedule": "constant"}))
     (resumed,) = run_experiment(again)
     state = torch.load(Path(resumed.last_checkpoint) / "state.pt", weights_only=False)
-    # 10 resumed epochs + 1 new one, each with the same number of steps.
-    assert state["epoch"] == 10 and state["global_step"] == 11 * (first_steps // 10)
+    # 11 epochs resumed + 1 new one, each with the same number of steps.
+    assert state["epoch"] == 11 and state["global_step"] == 12 * per_epoch
+    assert not stray.exists() and not damaged.exists()  # adopted then superseded; cleaned
     # The best epoch survives the resume (its weights come back from Ray's kept checkpoint).
     assert resumed.summary["tested_epoch"] == state["best"]["epoch"] >= best["epoch"]
     assert {k: v for k, v in resumed.metrics.items() if k.startswith("val/")} == state["best"]["val"]
+    # TensorBoard keeps every validation point across the resume (none purged): from the first
+    # validation (epoch 5) on, every epoch logs the last validated metrics.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    # ...but never on top of a different model.
+    events = EventAccumulator(str(Path(resumed.results_dir) / "tensorboard")).Reload()
+    assert sorted({e.step for e in events.Scalars("val/loss")}) == [per_epoch * k for k in range(5, 11)] + [12 * per_epoch]
+
+    # ...but never on top of a different model: the refusal lists what changed.
     clash = build_config(tiny_config(tiny_world, tmp_path, model={"arch": "fpn", "decoder_channels": None}))
-    with pytest.raises(XmodalError, match="another method, model or data"):
+    with pytest.raises(XmodalError, match=r"with other settings \(model.arch: 'unet' -> 'fpn'; model.decoder_channels: .* -> None\)"):
         run_experiment(clash)

@@ -8,7 +8,6 @@ metrics only with checkpoints). Rank 0 returns the outcome to the driver.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -24,14 +23,11 @@ from xmodal.data.prepared import PreparedData
 from xmodal.engine.collectives import current_collectives
 from xmodal.engine.config import ExperimentConfig
 from xmodal.engine.setup import BestTracker, build_method, metric_spec
-from xmodal.engine.training import LoopData, LoopState, run_epochs
+from xmodal.engine.training import STATE_FILE, LoopData, LoopState, open_tensorboard, resume_from, run_epochs, write_checkpoint
 from xmodal.errors import DataError
 from xmodal.methods.base import DataNeeds, DataSpec, MethodContext
-from xmodal.methods.exports import read_torch_file, save_exports
-from xmodal.settings import json_safe
+from xmodal.methods.exports import read_torch_file
 
-STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.json"  # per-checkpoint metrics (the run's summary is run.json, see the runner)
 
 
 @dataclass
@@ -48,6 +44,7 @@ class WorkerPlan:
     fingerprint: dict[str, Any]
     inputs: dict[str, Any] = field(default_factory=dict)  # name -> ray.train.Checkpoint or folder
     datasets: tuple[str, ...] = ()  # names of the Ray datasets the trainer was given
+    adopted_checkpoint: str | None = None  # a complete checkpoint folder Ray's records miss (see the runner)
 
     def steps_per_epoch(self, world_size: int) -> int:
         per_worker = self.train_tiles // world_size
@@ -105,6 +102,19 @@ def _reported_state(epoch: int, device: torch.device) -> dict[str, Any] | None:
     return None
 
 
+def _latest_state(plan: WorkerPlan, device: torch.device) -> dict[str, Any] | None:
+    """The state to resume from: Ray's latest checkpoint, or the checkpoint the driver adopted
+    (written before a kill but never recorded by Ray) when that one is later."""
+    states = []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            states.append(read_torch_file(Path(folder) / STATE_FILE, device))
+    if plan.adopted_checkpoint is not None:
+        states.append(read_torch_file(Path(plan.adopted_checkpoint) / STATE_FILE, device))
+    return max(states, key=lambda saved: saved["epoch"], default=None)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """Body of every Ray Train worker."""
     plan: WorkerPlan = loop_config["plan"]
@@ -137,25 +147,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             )
         )
     state = LoopState(tracker=BestTracker(metric_spec(config, plan.spec), config.run.select))
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            saved = read_torch_file(Path(folder) / STATE_FILE, device)
-        if saved["fingerprint"] != plan.fingerprint:
-            raise DataError(
-                f"run {config.name!r} already exists in {config.run.storage} with another method, model or data; "
-                "choose another name, or delete that run folder to start over"
-            )
-        method.load_state_dict(saved["method"])
-        state.start_epoch, state.global_step = saved["epoch"] + 1, saved["global_step"]
-        state.tracker.restore(saved.get("best"))
-        log(f"resumed from epoch {saved['epoch'] + 1} checkpoint")
-
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(Path(plan.results_dir) / "tensorboard"), purge_step=state.global_step or None)
+    saved = _latest_state(plan, device)
+    if saved is not None:
+        resume_from(saved, method, state, config, config.run.storage, log)
+    writer = open_tensorboard(plan.results_dir, state) if rank == 0 else None
 
     batch_size, shuffle = config.data.batch_size, config.data.shuffle_buffer
     labelled = "labelled" in plan.needs.streams
@@ -170,25 +165,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         evaluation=evaluation,
         splits=tuple(s for s in plan.splits if s != TRAIN),
         batch_size=batch_size,
+        tile_id=plan.prepared.tile_id,
     )
 
     def on_epoch(epoch: int, metrics: dict[str, Any], tracker: BestTracker) -> None:
         with tempfile.TemporaryDirectory() as folder:
             report_checkpoint = None
             if rank == 0:
-                torch.save(
-                    {
-                        "method": method.state_dict(),
-                        "epoch": epoch,
-                        "global_step": metrics["step"],
-                        "fingerprint": plan.fingerprint,
-                        "metrics": metrics,
-                        "best": tracker.record,
-                    },
-                    Path(folder) / STATE_FILE,
-                )
-                (Path(folder) / METRICS_FILE).write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
-                save_exports(method.exports(), folder)
+                record = {
+                    "method": method.state_dict(), "epoch": epoch, "global_step": metrics["step"],
+                    "fingerprint": plan.fingerprint, "metrics": metrics, "best": tracker.record,
+                }
+                write_checkpoint(folder, record, method.exports())
                 report_checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=report_checkpoint)
 

@@ -23,15 +23,15 @@ import torch
 from xmodal.data.torch_data import iterate_numpy, labelled_loader, torch_loader
 from xmodal.engine.chain import ResolvedInput, run_chain
 from xmodal.engine.config import ExperimentConfig, fingerprint
-from xmodal.engine.results import RunResult, results_dir, summarise, write_run_results
+from xmodal.engine.preflight import preflight
+from xmodal.engine.results import RunResult, record_failure, results_dir, summarise, write_run_results
 from xmodal.engine.setup import BestTracker, build_method, metric_spec, prepare_run_data
 from xmodal.engine.storage import is_remote
-from xmodal.engine.training import LoopData, LoopState, run_epochs
-from xmodal.errors import ConfigError, DataError
+from xmodal.engine.training import STATE_FILE, LoopData, LoopState, open_tensorboard, resume_from, run_epochs, write_checkpoint
+from xmodal.errors import ConfigError, DataError, error_line
 from xmodal.methods.base import Collectives, MethodContext
-from xmodal.methods.exports import read_torch_file, save_exports
+from xmodal.methods.exports import read_torch_file
 
-STATE_FILE = "state.pt"
 LAST_DIR = "checkpoint_last"
 TESTED_DIR = "checkpoint_tested"
 
@@ -40,13 +40,25 @@ def _save_checkpoint(folder: Path, state: dict[str, Any], exports: dict[str, Any
     """Write state.pt and exports into ``folder`` atomically (a crash never leaves half a checkpoint)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    torch.save(state, scratch / STATE_FILE)
-    save_exports(exports, scratch)
+    write_checkpoint(scratch, state, exports)
     previous = folder.with_name(folder.name + ".previous")
     if folder.exists():
         folder.rename(previous)
     scratch.rename(folder)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def recover_checkpoints(folder: Path, log: Callable[[str], None]) -> None:
+    """Finish what a kill inside :func:`_save_checkpoint` left: a checkpoint moved aside whose
+    replacement never arrived is put back, and unfinished scratch folders are removed."""
+    for name in (LAST_DIR, TESTED_DIR):
+        previous = folder / f"{name}.previous"
+        if previous.is_dir() and not (folder / name).exists():
+            previous.rename(folder / name)
+            log(f"recovered {name} from {previous.name} (the run was stopped while replacing it)")
+        shutil.rmtree(previous, ignore_errors=True)
+        for scratch in folder.glob(f".{name}-*"):
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def run_plain_single(
@@ -74,6 +86,7 @@ def run_plain_single(
     device = torch.device(device)
     inputs = inputs or {}
     prepared, spec, needs = prepare_run_data(config)
+    preflight(config, prepared, spec, set_up=False, log=log)
     loader = torch_loader(prepared, "train", num_workers=num_workers)
     if len(loader) == 0:
         raise DataError(f"{spec.train_tiles} training tiles give fewer than one batch of {config.data.batch_size}; lower data.batch_size")
@@ -88,14 +101,10 @@ def run_plain_single(
     folder = Path(config.run.storage).expanduser().resolve() / config.name
     state = LoopState(tracker=BestTracker(metric_spec(config, spec), config.run.select))
     plan_fingerprint = fingerprint(config)
+    recover_checkpoints(folder, lambda line: log(f"[{config.name}] {line}"))
     if (folder / LAST_DIR / STATE_FILE).is_file():
         saved = read_torch_file(folder / LAST_DIR / STATE_FILE, device)
-        if saved["fingerprint"] != plan_fingerprint:
-            raise ConfigError(f"run {config.name!r} already exists in {folder} with another method, model or data; choose another name")
-        method.load_state_dict(saved["method"])
-        state.start_epoch, state.global_step = saved["epoch"] + 1, saved["global_step"]
-        state.tracker.restore(saved.get("best"))
-        log(f"[{config.name}] resumed from epoch {saved['epoch'] + 1} checkpoint")
+        resume_from(saved, method, state, config, str(folder), lambda line: log(f"[{config.name}] {line}"))
 
     def on_epoch(epoch: int, metrics: dict[str, Any], tracker: BestTracker) -> None:
         record = {"method": method.state_dict(), "epoch": epoch, "global_step": metrics["step"], "fingerprint": plan_fingerprint, "metrics": metrics, "best": tracker.record}
@@ -113,22 +122,24 @@ def run_plain_single(
                 return saved["method"]
         return None
 
-    from torch.utils.tensorboard import SummaryWriter
-
     out = results_dir(config)
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=state.global_step or None)
+    writer = open_tensorboard(out, state)
     data = LoopData(
         train=lambda: loader,
         labelled=(lambda: labelled) if labelled is not None else None,
         evaluation=lambda split: iterate_numpy(prepared, split),
         splits=tuple(s for s in ("val", "test") if prepared.records(s)),
         batch_size=config.data.batch_size,
+        tile_id=prepared.tile_id,
     )
     try:
         outcome = run_epochs(
             method, config, data, state, device=device, collectives=Collectives(), on_epoch=on_epoch,
             restore_weights=restore, log=lambda line: log(f"[{config.name}] {line}"), writer=writer,
         )
+    except Exception as exc:
+        record_failure(config, error_line(exc))
+        raise
     finally:
         writer.close()
     if outcome["tested_epoch"] == config.train.epochs or not (folder / TESTED_DIR).is_dir():

@@ -28,6 +28,9 @@ from xmodal.settings import json_safe, to_dict
 
 RUN_FILE = "run.json"
 PANELS_FILE = "panels_test.png"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+FAILED_FILE = "failed.json"  # a run that stopped on an error: what it was (removed when the run finishes)
+RESUME_HINT = "relaunch the command that started it (same name and run.storage) to resume from its last checkpoint"
 
 
 @dataclass
@@ -161,6 +164,15 @@ def write_run_results(folder: str | Path, summary: dict[str, Any], outcome: dict
         render_panels(outcome["panels"], out / PANELS_FILE, title=title)
     save_artifacts(outcome.get("artifacts") or {}, out / ARTIFACTS_DIR)
     (out / RUN_FILE).write_text(json.dumps(json_safe(summary), indent=2, default=str, allow_nan=False))
+    (out / FAILED_FILE).unlink(missing_ok=True)
+
+
+def record_failure(config: ExperimentConfig, error: str) -> None:
+    """Keep why a run stopped (``failed.json`` in its results folder) for ``xmodal report``."""
+    out = results_dir(config)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"name": config.name, "method": config.method, "status": "failed", "error": error, "ended": time.time(), "resume": RESUME_HINT}
+    (out / FAILED_FILE).write_text(json.dumps(record, indent=2))
 
 
 def read_run_result(config: ExperimentConfig) -> RunResult | None:

@@ -9,39 +9,55 @@ the driver, before any worker starts.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution.failure_handling import FailureDecision, FailurePolicy, create_failure_policy
 
 from xmodal.data.pipeline import LABELLED_STREAM, TRAIN, build_datasets
 from xmodal.data.prepared import PreparedData
 from xmodal.engine.chain import ResolvedInput, run_chain
-from xmodal.engine.config import ExperimentConfig, fingerprint
-from xmodal.engine.loop import STATE_FILE, WorkerPlan, train_loop_per_worker
-from xmodal.engine.results import RunResult, results_dir, storage_path, summarise, write_run_results
+from xmodal.engine.config import ExperimentConfig, check_same_run, fingerprint
+from xmodal.engine.loop import WorkerPlan, train_loop_per_worker
+from xmodal.engine.preflight import preflight
+from xmodal.engine.results import SNAPSHOT_FILE, RunResult, record_failure, results_dir, storage_path, summarise, write_run_results
 from xmodal.engine.session import connect
 from xmodal.engine.setup import BestTracker, metric_spec, prepare_run_data
 from xmodal.engine.storage import is_remote
-from xmodal.engine.training import SELECTION_KEY
-from xmodal.methods.exports import read_torch_file
-from xmodal.errors import ConfigError, XmodalError
+from xmodal.engine.training import SELECTION_KEY, STATE_FILE
+from xmodal.methods.exports import DamagedFileError, read_torch_file
+from xmodal.errors import RunFailedError, error_line, permanent_cause
 
 
-class RunFailedError(XmodalError):
-    """A training run failed after its retries."""
+class NoRetryOfPermanentErrors(FailurePolicy):
+    """Ray Train's failure policy, except that a worker error running again cannot fix (a bad
+    config, bad data, a non-finite loss: :func:`~xmodal.errors.permanent_cause`) ends the run at
+    once instead of restarting the worker group ``run.max_failures`` times."""
+
+    def __init__(self, failure_config: ray.train.FailureConfig) -> None:
+        super().__init__(failure_config)
+        self.default = create_failure_policy(failure_config)
+
+    def make_decision(self, training_failed_error: ray.train.TrainingFailedError) -> FailureDecision:
+        if permanent_cause(training_failed_error) is not None:
+            return FailureDecision.RAISE
+        return self.default.make_decision(training_failed_error)
 
 
-def root_cause(exc: BaseException) -> str:
-    """The innermost error message of a (possibly wrapped) exception."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__
+class XmodalTrainer(TorchTrainer):
+    """A TorchTrainer with :class:`NoRetryOfPermanentErrors` (Ray 2.60 takes no policy argument;
+    this hook is where its ``fit`` hands the policy to the controller)."""
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs: Any) -> Any:
+        controller_init_kwargs["failure_policy"] = NoRetryOfPermanentErrors(self.run_config.failure_config)
+        return super()._initialize_and_run_controller(**controller_init_kwargs)
 
 
 def ensure_ray(config: ExperimentConfig) -> None:
@@ -76,7 +92,7 @@ def make_trainer(
     prepared: PreparedData,
     callbacks: list[Any] | None = None,
     datasets: dict[str, Any] | None = None,
-) -> TorchTrainer:
+) -> XmodalTrainer:
     """The TorchTrainer of one run (used directly by runs and inside Tune trials).
 
     ``datasets`` replaces the Ray Data pipeline (benchmarks feed pre-made tensors).
@@ -93,7 +109,7 @@ def make_trainer(
         datasets = build_datasets(prepared, plan.splits, world_size=scaling.num_workers, streams=plan.needs.streams)
     plan.datasets = tuple(datasets)
     tracker = BestTracker(metric_spec(config, plan.spec), config.run.select)
-    return TorchTrainer(
+    return XmodalTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": plan},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources),
@@ -119,24 +135,78 @@ def run_folder(config: ExperimentConfig) -> Path | None:
     return Path(storage_path(config)) / config.name
 
 
-def check_resumable(config: ExperimentConfig) -> None:
-    """Refuse to resume a run of the same name that was trained with another config.
+def _tracked_checkpoints(folder: Path) -> tuple[set[str], int | None]:
+    """The checkpoint folders Ray's snapshot records, and the epoch of its latest one."""
+    path = folder / SNAPSHOT_FILE
+    if not path.is_file():
+        return set(), None
+    snapshot = json.loads(path.read_text())
+    tracked = {entry["checkpoint_dir_name"] for entry in snapshot.get("checkpoint_results", [])}
+    latest = (snapshot.get("latest_checkpoint_result") or {}).get("metrics", {}).get("epoch")
+    return tracked, latest
+
+
+def reconcile_checkpoints(config: ExperimentConfig, log: Callable[[str], None] = print) -> str | None:
+    """Adopt or clean the checkpoint folders of this run that Ray's snapshot does not record.
+
+    A kill between a checkpoint folder reaching storage and Ray recording it leaves a folder Ray
+    neither resumes from nor ever deletes. A complete one later than Ray's latest is adopted (the
+    workers resume from it); a damaged one (a file cut short) is removed; an earlier one is a
+    leftover and is removed too. Runs on remote storage are left to Ray's records.
+
+    Returns:
+        The adopted checkpoint folder, or ``None``.
+    """
+    folder = run_folder(config)
+    if folder is None or not folder.is_dir():
+        return None
+    tracked, latest = _tracked_checkpoints(folder)
+    strays: list[tuple[int, Path]] = []
+    for path in sorted(p for p in folder.glob("checkpoint_*") if p.is_dir() and p.name not in tracked):
+        try:
+            strays.append((read_torch_file(path / STATE_FILE)["epoch"] + 1, path))
+        except (DamagedFileError, FileNotFoundError, KeyError):
+            shutil.rmtree(path, ignore_errors=True)
+            log(f"[{config.name}] removed {path.name}: an incomplete checkpoint (the run was stopped while writing it)")
+    adopted = max(strays) if strays and (latest is None or max(strays)[0] > latest) else None
+    for epoch, path in strays:
+        if adopted is None or path != adopted[1]:
+            shutil.rmtree(path, ignore_errors=True)
+            log(f"[{config.name}] removed {path.name}: an epoch-{epoch} checkpoint Ray's records had left behind")
+    if adopted is None:
+        return None
+    log(f"[{config.name}] resuming from {adopted[1].name} (epoch {adopted[0]}), written before the run was stopped but not recorded by Ray")
+    return str(adopted[1])
+
+
+def remove_untracked_checkpoints(config: ExperimentConfig) -> None:
+    """After a run: delete checkpoint folders Ray does not record (an adopted one, now superseded)."""
+    folder = run_folder(config)
+    if folder is None or not (folder / SNAPSHOT_FILE).is_file():
+        return
+    tracked, _ = _tracked_checkpoints(folder)
+    for path in folder.glob("checkpoint_*"):
+        if path.is_dir() and path.name not in tracked:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def check_resumable(config: ExperimentConfig, adopted: str | None = None) -> None:
+    """Refuse to resume a run of the same name that was trained with other settings.
 
     Ray Train resumes any run launched again under the same storage and name; loading weights of
     another architecture or method into it would be silently wrong (or crash inside a worker).
+
+    Raises:
+        ConfigError: Listing the settings that differ.
     """
     folder = run_folder(config)
     if folder is None or not folder.is_dir():
         return
-    checkpoints = sorted(folder.glob("checkpoint_*/" + STATE_FILE))
-    if not checkpoints:
-        return
-    state = read_torch_file(checkpoints[-1])
-    if state.get("fingerprint") != fingerprint(config):
-        raise ConfigError(
-            f"run {config.name!r} already exists in {folder} with another method, model or data; "
-            "choose another name, or delete that folder to start over"
-        )
+    tracked, _ = _tracked_checkpoints(folder)
+    candidates = [folder / name for name in sorted(tracked)] + ([Path(adopted)] if adopted else [])
+    states = [path / STATE_FILE for path in candidates if (path / STATE_FILE).is_file()]
+    if states:
+        check_same_run(read_torch_file(states[-1]).get("fingerprint"), config, str(folder))
 
 
 def _checkpoint_of_epoch(result: Any, epoch: int | None) -> str | None:
@@ -152,18 +222,30 @@ def run_single(config: ExperimentConfig, inputs: dict[str, ResolvedInput] | None
     """Train one configuration to the end (resuming it if a run of that name exists).
 
     Raises:
-        RunFailedError: The workers failed more often than ``run.max_failures``; the message
-            carries the workers' error, and finished checkpoints stay where they are.
+        RunFailedError: The workers failed more often than ``run.max_failures``, or once with an
+            error that would come back (not retried); the message carries the workers' error in
+            one line, and finished checkpoints stay where they are.
     """
     started = time.time()
     inputs = inputs or {}
-    check_resumable(config)
+    adopted = reconcile_checkpoints(config)
+    check_resumable(config, adopted)
     plan, prepared = plan_run(config, {name: ray.train.Checkpoint(ref.location) for name, ref in inputs.items()})
+    plan.adopted_checkpoint = adopted
+    preflight(
+        config, prepared, plan.spec, inputs={name: ref.location for name, ref in inputs.items()},
+        steps_per_epoch=plan.steps_per_epoch(config.scaling.num_workers),
+    )
     ensure_ray(config)
     try:
         result = make_trainer(config, plan, prepared, callbacks).fit()
     except ray.train.TrainingFailedError as exc:
-        raise RunFailedError(f"run {config.name!r} failed: {root_cause(exc)}; checkpoints so far are kept in {run_folder(config) or config.run.storage}") from exc
+        permanent = permanent_cause(exc) is not None
+        kept = f"checkpoints so far are kept in {run_folder(config) or config.run.storage}"
+        record_failure(config, error_line(exc))
+        raise RunFailedError(f"run {config.name!r} failed: {error_line(exc)}; {kept}", permanent=permanent) from exc
+    if adopted is not None:
+        remove_untracked_checkpoints(config)
     outcome = result.return_value or {}
     last = result.checkpoint.path if result.checkpoint is not None else None
     tested = _checkpoint_of_epoch(result, outcome.get("tested_epoch")) or last

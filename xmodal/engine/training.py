@@ -18,17 +18,21 @@ Nothing here imports Ray.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from xmodal.engine.config import ExperimentConfig
+from xmodal.engine.config import ExperimentConfig, check_same_run
 from xmodal.engine.setup import BestTracker
 from xmodal.errors import TrainingError, XmodalError
 from xmodal.methods.base import Collectives, EvalResult, Method
+from xmodal.methods.exports import save_exports
+from xmodal.settings import json_safe
 
 # Ranks checkpoints for Ray (which keeps the best ones and always the latest): the tracker's score
 # on validated epochs, the worst possible value on the others.
@@ -51,6 +55,7 @@ class LoopData:
         evaluation: ``evaluation(split)`` gives this worker's share of ``split`` (possibly empty).
         splits: Evaluation splits the data has (``val``, ``test``).
         batch_size: Samples per training batch (throughput figures).
+        tile_id: The tile id of a batch's ``index`` value (errors name the tiles), if known.
     """
 
     train: Callable[[], Iterable[dict[str, Any]]]
@@ -58,6 +63,7 @@ class LoopData:
     splits: tuple[str, ...]
     batch_size: int
     labelled: Callable[[], Iterable[dict[str, Any]]] | None = None
+    tile_id: Callable[[int], str] | None = None
 
 
 @dataclass
@@ -68,6 +74,39 @@ class LoopState:
     start_epoch: int = 0
     global_step: int = 0
     last_val: dict[str, float] = field(default_factory=dict)
+
+
+STATE_FILE = "state.pt"  # a checkpoint's method state, epoch, step, fingerprint and tracker record
+METRICS_FILE = "metrics.json"  # its epoch's metrics (the run's summary is run.json)
+
+
+def write_checkpoint(folder: str | Path, record: dict[str, Any], exports: dict[str, Any]) -> None:
+    """A checkpoint's files in ``folder``: the state, its metrics as strict JSON, the exports."""
+    folder = Path(folder)
+    torch.save(record, folder / STATE_FILE)
+    (folder / METRICS_FILE).write_text(json.dumps(json_safe(record["metrics"]), indent=2, allow_nan=False))
+    save_exports(exports, folder)
+
+
+def resume_from(saved: dict[str, Any], method: Method, state: LoopState, config: ExperimentConfig, where: str, log: Callable[[str], None]) -> None:
+    """Take a run's saved checkpoint state back (weights, next epoch, step, tracker record).
+
+    Raises:
+        ConfigError: The checkpoint was trained with other settings (they are listed).
+    """
+    check_same_run(saved.get("fingerprint"), config, where)
+    method.load_state_dict(saved["method"])
+    state.start_epoch, state.global_step = saved["epoch"] + 1, saved["global_step"]
+    state.tracker.restore(saved.get("best"))
+    log(f"resumed from epoch {saved['epoch'] + 1} checkpoint")
+
+
+def open_tensorboard(folder: str | Path, state: LoopState) -> Any:
+    """A TensorBoard writer for a run's ``tensorboard`` folder that, on a resume, drops only the
+    points logged after the checkpoint (those steps are trained again), not the checkpoint's own."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(Path(folder) / "tensorboard"), purge_step=state.global_step + 1 if state.global_step else None)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -123,20 +162,23 @@ def evaluate_split(
     return result
 
 
-def check_finite_losses(logs: dict[str, float], epoch: int, step: int, batch: dict[str, Any]) -> None:
+def check_finite_losses(
+    logs: dict[str, float], epoch: int, step: int, batch: dict[str, Any], tile_id: Callable[[int], str] | None = None
+) -> None:
     """Stop at the first non-finite loss, before it reaches a checkpoint or a metrics file.
 
     Raises:
-        TrainingError: Naming the loss terms, the epoch and step, and the batch's tiles (their
-            index in the prepared manifest).
+        TrainingError: Naming the loss terms, the epoch and step, and the batch's tiles (their ids
+            when ``tile_id`` is given, else their index in the prepared manifest).
     """
     bad = {key: value for key, value in logs.items() if "loss" in key and not math.isfinite(value)}
     if bad:
         index = batch.get("index")
-        tiles = [int(i) for i in torch.as_tensor(index).flatten().tolist()] if index is not None else "unknown"
+        positions = [int(i) for i in torch.as_tensor(index).flatten().tolist()] if index is not None else []
+        tiles = f"tiles {[tile_id(i) for i in positions]}" if tile_id and positions else f"tiles (prepared manifest index) {positions or 'unknown'}"
         terms = ", ".join(f"{key}={value}" for key, value in bad.items())
         raise TrainingError(
-            f"non-finite training loss ({terms}) at epoch {epoch}, step {step}; batch tiles (prepared manifest index) {tiles}: "
+            f"non-finite training loss ({terms}) at epoch {epoch}, step {step}; batch {tiles}: "
             "check the data's statistics (stats.json) and no-data, or lower train.lr"
         )
 
@@ -197,7 +239,7 @@ def run_epochs(
             if first_step is None:
                 first_step = time.time()
             logs = method.train_step(to_device(batch, device), global_step)
-            check_finite_losses(logs, epoch + 1, global_step, batch)
+            check_finite_losses(logs, epoch + 1, global_step, batch, data.tile_id)
             steps += 1
             global_step += 1
             for key, value in logs.items():

@@ -78,6 +78,10 @@ def read_export(checkpoint_dir: str | Path, name: str) -> dict[str, Any]:
     return _upgrade(read_torch_file(path))
 
 
+class DamagedFileError(DataError):
+    """A checkpoint or export file that does not load (truncated by a kill, a full disk)."""
+
+
 def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A checkpoint's state or an export, loaded without running code (``weights_only``).
 
@@ -85,7 +89,8 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
     (an object whose loading would call arbitrary code) is refused.
 
     Raises:
-        DataError: Naming the file: damaged, or holding objects other than tensors and plain values.
+        DataError: Naming the file, holding objects other than tensors and plain values.
+        DamagedFileError: Naming the file, which does not load.
     """
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -95,7 +100,7 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
             f"(a checkpoint that could run code; {str(exc).splitlines()[0]})"
         ) from exc
     except Exception as exc:  # noqa: BLE001 - any other failure to read is a bad file for the user
-        raise DataError(f"{path}: cannot be read ({type(exc).__name__}: {exc}); the checkpoint is damaged") from exc
+        raise DamagedFileError(f"{path}: cannot be read ({type(exc).__name__}: {exc}); the checkpoint is damaged") from exc
 
 
 def rebuild_export(checkpoint_dir: str | Path, name: str) -> tuple[nn.Module, dict[str, Any]]:

@@ -42,6 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from xmodal.engine.plain import LAST_DIR
+from xmodal.engine.results import FAILED_FILE, RESUME_HINT, SNAPSHOT_FILE
+from xmodal.engine.training import METRICS_FILE
 from xmodal.errors import ConfigError
 from xmodal.report.stats import mean_and_error
 from xmodal.settings import get_dotted
@@ -123,6 +126,50 @@ def collect_runs(run_dir: str | Path) -> list[dict[str, Any]]:
         summary["phase"] = str(summary["name"]).rpartition("/")[2]
         runs.append(summary)
     return sorted(runs, key=lambda run: str(run["name"]))
+
+
+def _checkpoint_epoch(folder: Path) -> int | None:
+    """The epoch of a run folder's latest checkpoint: Ray's record of it, or the plain loop's ``checkpoint_last``."""
+    for path, read in ((folder / SNAPSHOT_FILE, lambda d: (d.get("latest_checkpoint_result") or {}).get("metrics", {})), (folder / LAST_DIR / METRICS_FILE, lambda d: d)):
+        try:
+            epoch = read(json.loads(path.read_text())).get("epoch")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(epoch, int):
+            return epoch
+    return None
+
+
+def collect_unfinished(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Runs under ``run_dir`` without a summary: ``failed`` ones (``failed.json``: the error) and
+    ``unfinished`` ones (checkpoints but no ``run.json``: stopped or still running), each with the
+    epoch of its latest checkpoint, sorted by name."""
+    root = Path(run_dir)
+    found: dict[Path, dict[str, Any]] = {}
+    for path in root.rglob(FAILED_FILE):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        found[path.parent] = {"name": str(record.get("name")), "state": "failed", "error": record.get("error")}
+    for path in [*root.rglob(SNAPSHOT_FILE), *root.rglob(LAST_DIR)]:
+        folder = path.parent
+        if (folder / SUMMARY_FILE).is_file() and folder not in found:
+            continue
+        name = str(folder.relative_to(root)) if folder != root else root.name
+        found.setdefault(folder, {"name": name, "state": "unfinished", "error": None})
+    for folder, entry in found.items():
+        entry["epoch"] = _checkpoint_epoch(folder)
+    return sorted(found.values(), key=lambda entry: entry["name"])
+
+
+def unfinished_markdown(entries: list[dict[str, Any]]) -> str:
+    """The failed and unfinished runs, and how to resume them."""
+    lines = [[e["name"], e["state"], "none" if e["epoch"] is None else f"epoch {e['epoch']}", (e["error"] or "").replace("|", "/")] for e in entries]
+    return (
+        "## Failed and unfinished runs\n\n" + _markdown_table(["run", "state", "last checkpoint", "error"], lines)
+        + f"\n\nTo resume one, {RESUME_HINT}; fix the error first where there is one."
+    )
 
 
 def metric_value(run: dict[str, Any], metric: str) -> float | None:
@@ -388,14 +435,19 @@ def render_run_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
         ConfigError: ``run_dir`` does not exist or holds no run summary.
     """
     runs = collect_runs(run_dir)
-    if not runs:
+    unfinished = collect_unfinished(run_dir)
+    if not runs and not unfinished:
         raise ConfigError(f"report: no run summaries ({SUMMARY_FILE} written at the end of a run) under {run_dir}")
     tables, others = build_report(runs)
-    sections = [f"# Report of {run_dir}", "", f"{len(runs)} run(s)."]
+    counted = f"{len(runs)} finished run(s)" + (f", {len(unfinished)} failed or unfinished" if unfinished else "")
+    sections = [f"# Report of {run_dir}", "", f"{counted}."]
+    if unfinished:
+        sections += ["", unfinished_markdown(unfinished) + "\n"]
     sections += ["", *[table_markdown(table) + "\n" for table in tables]]
     if others and tables:
         sections += ["", runs_markdown(others, "Runs outside the paper tables")]
-    sections += ["", runs_markdown(runs)]
+    if runs:
+        sections += ["", runs_markdown(runs)]
     text = "\n".join(sections).rstrip() + "\n"
     out = Path(out_dir) if out_dir is not None else Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
