@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from specs import small_segmentation_run
 
-from xmodal.cli.main import main
+from xmodal.cli.main import build_parser, main
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -60,21 +60,38 @@ def test_index_a_real_layout(tmp_path: Path, capsys):
 def test_bad_configs_fail_cleanly(tmp_path: Path, capsys, content: str, message: str):
     path = tmp_path / "bad.yaml"
     path.write_text(content)
-    code, _, err = run(["train", str(path)], capsys)
+    code, _, err = run(["run", str(path)], capsys)
     assert code == 2 and message in err and "Traceback" not in err
 
 
+def test_one_command_trains_and_the_old_name_says_which(tmp_path: Path, capsys):
+    code, _, err = run(["train", str(tmp_path / "x.yaml")], capsys)
+    assert code == 2 and "`xmodal train` is now `xmodal run`" in err
+    assert "train" not in build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+
+
 def test_missing_config_and_corrupt_data(tmp_path: Path, capsys):
-    code, _, err = run(["train", str(tmp_path / "none.yaml")], capsys)
+    code, _, err = run(["run", str(tmp_path / "none.yaml")], capsys)
     assert code == 2 and "none.yaml: config file not found" in err
     code, _, err = run(["data", "stats", str(tmp_path)], capsys)
     assert code == 2 and "dataset.json" in err
 
 
 @pytest.mark.ray
-def test_demo_quick(tmp_path: Path, capsys):
-    code, out, _ = run(["demo", "--out", str(tmp_path / "demo"), "--quick"], capsys)
+def test_demo_quick(tmp_path: Path, capfd, monkeypatch):
+    monkeypatch.setenv("XMODAL_PROGRESS", "1")  # as on a terminal: epoch bars (on stderr)
+    code, out, err = run(["demo", "--out", str(tmp_path / "demo"), "--quick"], capfd)
     assert code == 0
+    # The console holds, per run, its header, pre-flight, one line per epoch and its result; no Ray internals.
+    for name in ("optical-buildings", "sar-buildings"):
+        mine = [line for line in out.splitlines() if line.startswith(f"[{name}]")]
+        assert [line.split()[1] for line in mine[-6:]] == ["supervised", "data", "1", "pre-flight:", "epoch", "done"], out
+        assert sum("epoch 1/1" in line for line in out.splitlines()) == 2
+        log = (tmp_path / "demo" / "runs" / name / "console.log").read_text()
+        assert "Reporting training result" in log and "epoch 1/1" in log  # Ray's chatter is kept, in the run's log file
+    for chatter in ("Reporting training result", "Checkpoint successfully created", "execution finished", "Traceback", "WARNING"):
+        assert chatter not in out + err, chatter
+    assert "[optical-buildings] epoch 1/1" in err  # the bar's description
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert [r["input"] for r in summary["runs"]] == ["optical", "sar"]
     assert all("test/iou" in r["metrics"] for r in summary["runs"])
@@ -103,8 +120,8 @@ def test_train_plain_runs_a_chain_without_ray(tiny_world: Path, tmp_path: Path, 
     }))
     code, out, err = run(["run", str(config), "--plain"], capsys)
     assert code == 0, err
-    assert "cli-chain/optical: test/" in out and "cli-chain/sar: test/" in out
+    assert "[cli-chain/optical] done in" in out and "[cli-chain/sar] done in" in out and "test iou" in out
     code, out, err = run(["run", str(config), "run.panels=1", "--plain", "--phase", "sar"], capsys)
-    assert code == 0 and "cli-chain/optical" not in out and "cli-chain/sar: test/" in out, err
+    assert code == 0 and "cli-chain/optical" not in out and "[cli-chain/sar] done in" in out, err
     code, _, err = run(["run", str(config), "--plain", "--phase", "nope"], capsys)
     assert code == 2 and "--phase ['nope']: not phases" in err

@@ -250,9 +250,12 @@ def test_a_chain_sweep_as_a_ray_job_survives_a_killed_train_worker_and_shares_it
     logs = ray_cli(ray_head, "job", "logs", submission).stdout
     assert status == "SUCCEEDED", status + logs[-4000:]
     assert killed, "no Train worker was running after the first checkpoint"
-    assert re.search(r"\[shared/pretrain-\w+\] resumed from epoch 1 checkpoint", logs), logs[-4000:]
     assert "sweep chain: 2 trials (2 terminated)" in logs and "1 at a time" in logs and "trials/hour" in logs and "busy" in logs
-    assert "reuses shared/pretrain-" in logs
+    assert "2/2 ended (0 failed)" in logs  # the sweep's console: a line per ended trial
+    # The runs' own lines are in the sweep's log file, not on its console.
+    console = (folder / "console.log").read_text()
+    assert re.search(r"\[shared/pretrain-\w+\] resumed from epoch 1 checkpoint", console), console[-4000:]
+    assert "reuses shared/pretrain-" in console and "reuses shared/pretrain-" not in logs
 
     from xmodal.report.sweeps import load_trials, render_sweep_report
 

@@ -23,7 +23,7 @@ ALLOWED = {
     "bench": {"data", "models", "methods", "engine", "bench"},
     "cli": {"data", "models", "methods", "engine", "tune", "report", "bench", "cli"},
 }
-SHARED = {"errors", "settings"}  # leaf modules every layer may use
+SHARED = {"errors", "settings", "progress"}  # leaf modules every layer may use
 METHOD_PLUMBING = {"base", "registry", "optim", "exports", "inputs", "metrics", "panels", "summaries"}
 RAY_FREE = {"data", "models", "losses", "methods", "figures", "report"}
 

@@ -29,7 +29,7 @@ def test_plain_loop_tests_the_best_validation_epoch(tiny_world: Path, tmp_path: 
     )
     lines: list[str] = []
     (result,) = run_plain(config, log=lines.append)
-    epochs = [line for line in lines if " epoch " in line]
+    epochs = [line for line in lines if "] epoch " in line]
     assert len(epochs) == 3
     printed = [float(line.split("val/iou ", 1)[1].split()[0]) for line in epochs]
     per_epoch = [row["val/iou"] for row in result.summary["history"]]  # exact: printed values may tie when rounded

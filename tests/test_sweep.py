@@ -405,3 +405,17 @@ def test_a_trials_xmodal_error_is_reported_without_its_class_path():
     text = "Failure # 1\nTraceback (most recent call last):\n  File x\nxmodal.errors.RunFailedError: /d/sar.tif: cannot be read as a GeoTIFF\n"
     assert _last_error_line(text) == "/d/sar.tif: cannot be read as a GeoTIFF"
     assert _last_error_line("Traceback\nRuntimeError: worker died") == "RuntimeError: worker died"
+
+
+def test_the_sweep_console_line_counts_trials_and_keeps_the_best(monkeypatch):
+    import xmodal.tune.sweep as sweep
+
+    clock = iter([100.0, 110.0, 130.0])
+    monkeypatch.setattr(sweep.time, "time", lambda: next(clock))
+    progress = sweep.SweepProgress("s", "/tmp/none", "val/loss", "min", slots=2, total=3)  # starts at 100
+    progress.begun = {"a": 100.0, "b": 100.0}
+    assert progress.status("a", {"val/loss": 0.5}) == (  # at 110: a ran 10 s, b 10 s so far, of 2 x 10 s
+        "[sweep s] trial a val/loss 0.5000 | 1/3 ended (0 failed), 1 running; best val/loss 0.5000 (trial a); slots busy 100%"
+    )
+    line = progress.status("b", None, error="/d/sar.tif: cannot be read")  # at 130: 10 + 30 s of 2 x 30 s
+    assert line == "[sweep s] trial b failed: /d/sar.tif: cannot be read | 2/3 ended (1 failed), 0 running; best val/loss 0.5000 (trial a); slots busy 67%"

@@ -80,3 +80,9 @@ def test_a_plain_chain_sweep_shares_its_pretraining_and_reports_every_epoch(tiny
         assert summary["engine"] == "plain" and summary["inputs"]["pretrained"]["run"] == phases["pretrain"]
     assert len({json.loads(t["final"]["phase_runs"])["pretrain"] for t in trials}) == 1
     assert len(list((folder / "runs" / "shared").glob("pretrain-*"))) == 1  # trained once, reused
+    # The console: a line per ended trial, no Tune status table, no Ray internals; all of it in the sweep's log.
+    status = [line for line in done.stdout.splitlines() if line.startswith("[sweep plain-chain] trial ")]
+    assert len(status) == 2 and "2/2 ended (0 failed), 0 running; best val/" in status[-1], done.stdout
+    assert "Trial status" not in done.stdout and "Configuration for experiment" not in done.stdout
+    assert "Reporting training result" not in done.stdout + done.stderr
+    assert "[sweep plain-chain] trial " in (folder / "console.log").read_text()

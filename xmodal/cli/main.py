@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from xmodal.engine.console import LOG_FILE, VERBOSE_ENV
 from xmodal.errors import XmodalError
 
 
@@ -102,7 +104,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- training
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_run(args: argparse.Namespace) -> None:
     from xmodal.engine.config import load_config
 
     config = load_config(args.config, args.overrides)
@@ -114,9 +116,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         from xmodal.engine.runner import run_experiment
 
         results = run_experiment(config, only_phases=args.phase or None)
-    for result in results:
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k.startswith("test/") and isinstance(v, float))
-        print(f"{result.name}: {shown}\n  results: {result.results_dir}\n  checkpoint: {result.checkpoint}")
+    for result in results:  # each run printed its test metrics as it ended
+        print(f"{result.name}: results {result.results_dir}\n  checkpoint: {result.checkpoint}")
 
 
 def _print_zoo(files: list[Path]) -> None:
@@ -197,6 +198,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xmodal", description="Cross-modal optical -> SAR training on Ray")
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help=f"show Ray's own console output too (or set {VERBOSE_ENV}=1); it is always kept in each run's {LOG_FILE}",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="make, split, index, pack and inspect datasets")
@@ -253,14 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(func=cmd_data_inspect)
 
-    for name, help_text in (("train", "train a config (runs its phases, if any)"), ("run", "same as train: run a config's phase chain")):
-        train = commands.add_parser(name, help=help_text)
-        train.add_argument("config")
-        train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-        train.add_argument("--phase", action="append", help="run only this phase (repeatable); the phases it reads must have finished")
-        train.add_argument("--plain", action="store_true", help="train in this process without Ray (same methods, chains and results)")
-        train.add_argument("--device", default="cpu", help="with --plain: the torch device (cpu, cuda, cuda:1)")
-        train.set_defaults(func=cmd_train)
+    run = commands.add_parser(
+        "run", help="train a config: one run, or its phases in order (on Ray Train; --plain: in this process)",
+        description="Train a config on Ray Train (Ray Data streams the tiles), or with --plain in this process. "
+        "A config with phases runs them in order; relaunching resumes every run from its last checkpoint.",
+    )
+    run.add_argument("config")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    run.add_argument("--phase", action="append", help="run only this phase (repeatable); the phases it reads must have finished")
+    run.add_argument("--plain", action="store_true", help="train in this process without Ray (same methods, chains and results)")
+    run.add_argument("--device", default="cpu", help="with --plain: the torch device (cpu, cuda, cuda:1)")
+    run.set_defaults(func=cmd_run)
 
     demo = commands.add_parser("demo", help="synthetic world + optical and SAR baselines on local Ray")
     demo.add_argument("--out", default="demo-out")
@@ -298,8 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        print("xmodal: error: `xmodal train` is now `xmodal run` (the same arguments; one command trains a run or a phase chain)", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
     try:
         args.func(args)
     except XmodalError as exc:

@@ -19,6 +19,7 @@ from xmodal.data.bands import BandSet, sar_to_db
 from xmodal.data.manifest import STATS_FILE, Manifest, read_json
 from xmodal.data.readers.base import LoadOptions, get_reader
 from xmodal.errors import DataError
+from xmodal.progress import track
 
 # Pixels kept per band for percentile estimates.
 _RESERVOIR = 200_000
@@ -192,7 +193,7 @@ def compute_stats(
     rng = np.random.default_rng(seed)
     sar_acc = _Accumulator(manifest.info.sar_bands, rng, converted_to_db=sar_db)
     opt_acc = _Accumulator(manifest.info.optical_bands, rng)
-    for record in records:
+    for record in track(records, "statistics", unit="tile"):
         sample = reader.load(record, manifest.info, manifest.data_root, LoadOptions())
         sar = convert_sar(sample.sar, manifest.info.sar_bands, sar_db)
         sar_valid = sample.sar_valid if sample.sar_valid is not None else np.ones(sample.shape, bool)

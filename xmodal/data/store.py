@@ -30,6 +30,7 @@ from xmodal.data.manifest import STATS_FILE, DatasetInfo, Manifest, declared_rea
 from xmodal.data.readers.base import IndexResult, LoadOptions, Reader, get_reader, register_reader
 from xmodal.data.sample import PairedSample
 from xmodal.errors import DataError
+from xmodal.progress import track
 
 PACKED_READER = "packed"
 
@@ -53,7 +54,7 @@ def pack(manifest: Manifest, out: str | Path, *, rows_per_file: int = 256, compr
     packed_records: list[dict[str, Any]] = []
     for split in ("train", "val", "test", "unassigned"):
         records = manifest.split(split)
-        for start in range(0, len(records), rows_per_file):
+        for start in track(range(0, len(records), rows_per_file), f"packing {split}", unit="part"):
             chunk = records[start : start + rows_per_file]
             part = f"{split}/part-{start // rows_per_file:05d}.parquet"
             rows: dict[str, list[Any]] = {k: [] for k in ("tile_id", "sar", "optical", "sar_valid", "optical_valid", "scene_label")}

@@ -22,6 +22,7 @@ from xmodal.data.pipeline import LABELLED_STREAM, TRAIN, eval_dataset_name
 from xmodal.data.prepared import PreparedData
 from xmodal.engine.collectives import current_collectives
 from xmodal.engine.config import ExperimentConfig
+from xmodal.engine.console import throttled, worker_line, worker_progress
 from xmodal.engine.setup import BestTracker, build_method, metric_spec
 from xmodal.engine.training import STATE_FILE, LoopData, LoopState, open_tensorboard, resume_from, run_epochs, write_checkpoint
 from xmodal.errors import DataError
@@ -126,7 +127,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
     def log(message: str) -> None:
         if rank == 0:
-            print(f"[{config.name}] {message}", flush=True)
+            worker_line(f"[{config.name}] {message}")
 
     collectives = current_collectives(device)
     method = build_method(config, plan.spec)
@@ -166,6 +167,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         splits=tuple(s for s in plan.splits if s != TRAIN),
         batch_size=batch_size,
         tile_id=plan.prepared.tile_id,
+        steps=plan.steps_per_epoch(world),
     )
 
     def on_epoch(epoch: int, metrics: dict[str, Any], tracker: BestTracker) -> None:
@@ -183,6 +185,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     outcome = run_epochs(
         method, config, data, state, device=device, collectives=collectives, on_epoch=on_epoch,
         restore_weights=lambda epoch: _reported_state(epoch, device), log=log, writer=writer,
+        progress=throttled(1.0, worker_progress) if rank == 0 else None,
     )
     if writer is not None:
         writer.close()

@@ -25,12 +25,13 @@ from xmodal.engine.chain import ResolvedInput, run_chain
 from xmodal.engine.config import ExperimentConfig, fingerprint
 from xmodal.engine.preflight import preflight
 from xmodal.engine.results import RunResult, record_failure, results_dir, summarise, write_run_results
-from xmodal.engine.setup import BestTracker, build_method, metric_spec, prepare_run_data
+from xmodal.engine.setup import BestTracker, build_method, metric_spec, prepare_run_data, result_line, run_header
 from xmodal.engine.storage import is_remote
 from xmodal.engine.training import STATE_FILE, LoopData, LoopState, open_tensorboard, resume_from, run_epochs, write_checkpoint
 from xmodal.errors import ConfigError, DataError, error_line
 from xmodal.methods.base import Collectives, MethodContext
 from xmodal.methods.exports import read_torch_file
+from xmodal.progress import EpochBar
 
 LAST_DIR = "checkpoint_last"
 TESTED_DIR = "checkpoint_tested"
@@ -86,6 +87,8 @@ def run_plain_single(
     device = torch.device(device)
     inputs = inputs or {}
     prepared, spec, needs = prepare_run_data(config)
+    for line in run_header(config, prepared, f"the plain loop on {device.type}"):
+        log(line)
     preflight(config, prepared, spec, set_up=False, log=log)
     loader = torch_loader(prepared, "train", num_workers=num_workers)
     if len(loader) == 0:
@@ -124,6 +127,11 @@ def run_plain_single(
 
     out = results_dir(config)
     writer = open_tensorboard(out, state)
+    bar = EpochBar()
+
+    def say(line: str) -> None:  # an epoch's line ends its bar
+        bar.close()
+        log(f"[{config.name}] {line}")
     data = LoopData(
         train=lambda: loader,
         labelled=(lambda: labelled) if labelled is not None else None,
@@ -131,16 +139,18 @@ def run_plain_single(
         splits=tuple(s for s in ("val", "test") if prepared.records(s)),
         batch_size=config.data.batch_size,
         tile_id=prepared.tile_id,
+        steps=len(loader),
     )
     try:
         outcome = run_epochs(
             method, config, data, state, device=device, collectives=Collectives(), on_epoch=on_epoch,
-            restore_weights=restore, log=lambda line: log(f"[{config.name}] {line}"), writer=writer,
+            restore_weights=restore, log=say, writer=writer, progress=bar.update,
         )
     except Exception as exc:
         record_failure(config, error_line(exc))
         raise
     finally:
+        bar.close()
         writer.close()
     if outcome["tested_epoch"] == config.train.epochs or not (folder / TESTED_DIR).is_dir():
         shutil.rmtree(folder / TESTED_DIR, ignore_errors=True)
@@ -150,6 +160,7 @@ def run_plain_single(
         started=started, inputs={name: ref.record() for name, ref in inputs.items()}, engine="plain",
     )
     write_run_results(out, summary, outcome, title=config.name)
+    log(result_line(config.name, summary))
     return RunResult(config.name, summary["metrics"], summary["checkpoint"], str(out), summary["last_checkpoint"], summary)
 
 

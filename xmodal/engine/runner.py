@@ -1,6 +1,6 @@
 """Running an experiment on Ray Train: data checks, trainer construction, phases, results.
 
-``run_experiment`` is what ``xmodal train`` and ``xmodal run`` call. A config with ``phases`` runs
+``run_experiment`` is what ``xmodal run`` calls. A config with ``phases`` runs
 them in order (:mod:`xmodal.engine.chain`); each phase's tested checkpoint is handed to later phases
 by name, through the run's storage, and any phase input can instead be an existing checkpoint folder.
 Everything a run can be refused for (data, method needs, inputs, batch size) is checked here, in
@@ -25,15 +25,21 @@ from xmodal.data.pipeline import LABELLED_STREAM, TRAIN, build_datasets
 from xmodal.data.prepared import PreparedData
 from xmodal.engine.chain import ResolvedInput, run_chain
 from xmodal.engine.config import ExperimentConfig, check_same_run, fingerprint
+from xmodal.engine.console import CONSOLE, LOG_FILE
 from xmodal.engine.loop import WorkerPlan, train_loop_per_worker
 from xmodal.engine.preflight import preflight
 from xmodal.engine.results import SNAPSHOT_FILE, RunResult, record_failure, results_dir, storage_path, summarise, write_run_results
 from xmodal.engine.session import connect
-from xmodal.engine.setup import BestTracker, metric_spec, prepare_run_data
+from xmodal.engine.setup import BestTracker, metric_spec, prepare_run_data, result_line, run_header
 from xmodal.engine.storage import is_remote
 from xmodal.engine.training import SELECTION_KEY, STATE_FILE
 from xmodal.methods.exports import DamagedFileError, read_torch_file
 from xmodal.errors import RunFailedError, error_line, permanent_cause
+
+
+# Ray forwards worker output to the driver within about a second; a failed run waits that long
+# before closing its log file, so the file ends with the workers' tracebacks.
+LOG_DRAIN_SECONDS = 2.0
 
 
 class NoRetryOfPermanentErrors(FailurePolicy):
@@ -228,22 +234,43 @@ def run_single(config: ExperimentConfig, inputs: dict[str, ResolvedInput] | None
     """
     started = time.time()
     inputs = inputs or {}
-    adopted = reconcile_checkpoints(config)
+    adopted = reconcile_checkpoints(config, CONSOLE.line)
     check_resumable(config, adopted)
     plan, prepared = plan_run(config, {name: ray.train.Checkpoint(ref.location) for name, ref in inputs.items()})
     plan.adopted_checkpoint = adopted
+    scaling = config.scaling
+    device = "GPU" if scaling.use_gpu else "CPU"
+    for line in run_header(config, prepared, f"{scaling.num_workers} Ray Train worker(s) x {scaling.cpus_per_worker:g} CPU{' + 1 GPU' if scaling.use_gpu else ''} ({device})"):
+        CONSOLE.line(line)
     preflight(
         config, prepared, plan.spec, inputs={name: ref.location for name, ref in inputs.items()},
-        steps_per_epoch=plan.steps_per_epoch(config.scaling.num_workers),
+        steps_per_epoch=plan.steps_per_epoch(scaling.num_workers), log=CONSOLE.line,
     )
-    ensure_ray(config)
+    CONSOLE.log_to(Path(plan.results_dir) / LOG_FILE)
     try:
+        return _fit(config, plan, prepared, inputs, callbacks, adopted, started)
+    finally:
+        CONSOLE.log_to(None)
+
+
+def _fit(
+    config: ExperimentConfig, plan: WorkerPlan, prepared: PreparedData, inputs: dict[str, ResolvedInput],
+    callbacks: list[Any] | None, adopted: str | None, started: float,
+) -> RunResult:
+    """The Ray Train part of :func:`run_single`, with the console's log file open."""
+    try:
+        ensure_ray(config)
         result = make_trainer(config, plan, prepared, callbacks).fit()
     except ray.train.TrainingFailedError as exc:
         permanent = permanent_cause(exc) is not None
         kept = f"checkpoints so far are kept in {run_folder(config) or config.run.storage}"
         record_failure(config, error_line(exc))
-        raise RunFailedError(f"run {config.name!r} failed: {error_line(exc)}; {kept}", permanent=permanent) from exc
+        time.sleep(LOG_DRAIN_SECONDS)  # the workers' last lines (their tracebacks) reach the log file
+        CONSOLE.to_file(f"[{config.name}] failed: {error_line(exc)}")
+        raise RunFailedError(
+            f"run {config.name!r} failed: {error_line(exc)}; {kept}; Ray's full output: {Path(plan.results_dir) / LOG_FILE}",
+            permanent=permanent,
+        ) from exc
     if adopted is not None:
         remove_untracked_checkpoints(config)
     outcome = result.return_value or {}
@@ -254,6 +281,7 @@ def run_single(config: ExperimentConfig, inputs: dict[str, ResolvedInput] | None
         inputs={name: ref.record() for name, ref in inputs.items()},
     )
     write_run_results(plan.results_dir, summary, outcome, title=config.name)
+    CONSOLE.line(result_line(config.name, summary))
     return RunResult(name=config.name, metrics=summary["metrics"], checkpoint=tested, last_checkpoint=last, results_dir=plan.results_dir, summary=summary)
 
 

@@ -11,6 +11,8 @@ import socket
 
 import ray
 
+from xmodal.engine.console import CONSOLE
+
 # Ray kills an idle task worker after 1 s once a node runs more worker processes than it has CPUs.
 # Train's own actors (controller, split coordinator, cleaners...) already exceed that on a small
 # machine, so every epoch's Ray Data tasks started in fresh processes, each importing torch again:
@@ -82,6 +84,7 @@ def connect(address: str | None, local_cpus: int, *, dashboard: bool) -> bool:
         Whether this call initialised Ray (False when this process was already connected).
     """
     if ray.is_initialized():
+        CONSOLE.install()  # this process's Ray may have been started elsewhere (a notebook, a test)
         return False
     quiet_ray_data()
     address = address or os.environ.get("RAY_ADDRESS")
@@ -89,4 +92,5 @@ def connect(address: str | None, local_cpus: int, *, dashboard: bool) -> bool:
         ray.init(address=address, logging_level="warning")
     else:
         start_local_ray(local_cpus, dashboard=dashboard)
+    CONSOLE.install()
     return True

@@ -175,3 +175,32 @@ class BestTracker:
         """Take back the record saved with a checkpoint (its weights are not in memory any more)."""
         self.record = dict(record or {})
         self.weights = None
+
+
+def run_header(config: ExperimentConfig, prepared: PreparedData, engine: str) -> list[str]:
+    """The lines a run starts with: what it trains, on which data, where, and where results go.
+
+    Args:
+        engine: How it runs, e.g. ``2 Ray Train worker(s) x 1 CPU`` or ``the plain loop on cpu``.
+    """
+    from xmodal.engine.results import results_dir
+
+    info = prepared.info
+    counts = " / ".join(f"{split} {len(prepared.records(split))}" for split in ("train", "val", "test") if prepared.records(split))
+    head = f"[{config.name}]"
+    return [
+        f"{head} {config.method} from {config.source}; model {config.model.arch} {config.model.encoder or ''}".rstrip(),
+        f"{head} data {config.data.root}: {counts} tiles of {config.data.tile_size} px (SAR {', '.join(info.sar_bands.names)}; "
+        f"optical {', '.join(info.optical_bands.names)}); {config.train.epochs} epoch(s) of batch {config.data.batch_size}",
+        f"{head} {engine}; results in {results_dir(config)}",
+    ]
+
+
+def result_line(name: str, summary: dict[str, Any]) -> str:
+    """The line a run ends with: its test metrics, tested epoch and wall time."""
+    metrics = summary.get("metrics") or {}
+    names = summary.get("report_metrics") or sorted(k for k in metrics if k.startswith("test/"))[:4]
+    shown = ", ".join(f"{k.split('/', 1)[1]} {metrics[k]:.3f}" for k in names if isinstance(metrics.get(k), (int, float)))
+    wall = summary.get("wall_seconds")
+    took = f" in {wall:.0f} s" if isinstance(wall, (int, float)) else ""
+    return f"[{name}] done{took}: test {shown or 'not scored'} (tested epoch {summary.get('tested_epoch')})"

@@ -56,6 +56,7 @@ class LoopData:
         splits: Evaluation splits the data has (``val``, ``test``).
         batch_size: Samples per training batch (throughput figures).
         tile_id: The tile id of a batch's ``index`` value (errors name the tiles), if known.
+        steps: Training batches per epoch on this worker (progress), 0 if unknown.
     """
 
     train: Callable[[], Iterable[dict[str, Any]]]
@@ -64,6 +65,7 @@ class LoopData:
     batch_size: int
     labelled: Callable[[], Iterable[dict[str, Any]]] | None = None
     tile_id: Callable[[int], str] | None = None
+    steps: int = 0
 
 
 @dataclass
@@ -201,6 +203,7 @@ def run_epochs(
     restore_weights: Callable[[int], dict[str, Any] | None],
     log: Callable[[str], None],
     writer: Any = None,
+    progress: Callable[[str, int, int, int, int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Train from ``state.start_epoch`` to ``train.epochs``, then test; returns the outcome.
 
@@ -216,6 +219,8 @@ def run_epochs(
             weights are no longer in memory; ``None`` when that checkpoint is gone.
         log: Where per-epoch lines go (rank 0 prints).
         writer: A TensorBoard ``SummaryWriter`` (rank 0), or ``None``.
+        progress: ``progress(run, epoch, epochs, step, steps, tiles_per_s)`` after every training
+            step (1-based epoch and step), for a progress bar; ``None`` on other ranks.
 
     Returns:
         ``epochs``, ``metric``, ``metric_mode``, ``select``, ``tested_epoch``, per split ``val`` /
@@ -242,6 +247,9 @@ def run_epochs(
             check_finite_losses(logs, epoch + 1, global_step, batch, data.tile_id)
             steps += 1
             global_step += 1
+            if progress is not None:
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                progress(config.name, epoch + 1, epochs, steps, data.steps or steps, steps * data.batch_size * collectives.world_size / elapsed)
             for key, value in logs.items():
                 totals[key] = totals.get(key, 0.0) + value
             if writer is not None and global_step % config.run.log_every == 0:

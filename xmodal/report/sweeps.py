@@ -7,7 +7,7 @@ still-running sweep, offline, without Ray. Writes into ``SWEEP_DIR/report/``:
 * ``trials.csv`` and ``report.md``: one row per trial (swept values, seed, state, metrics,
   epochs, time, error); the best configuration; mean +- standard error (and n) over seeds per
   configuration, for the ranking metric and its test counterpart.
-* ``best.yaml``: the best trial's full experiment config (``xmodal train best.yaml`` reruns it).
+* ``best.yaml``: the best trial's full experiment config (``xmodal run best.yaml`` reruns it).
 * ``metric_vs_<key>.png``: for every swept parameter, the ranking metric and its test counterpart
   against it, one series per combination of the other parameters, mean +- s.e. over seeds with
   each trial's value behind.
@@ -430,7 +430,7 @@ def render_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) ->
         if tests:
             lines.append("- test: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(tests.items())))
         if best_yaml is not None:
-            lines.append(f"\nFull config: [`best.yaml`](best.yaml) (rerun with `xmodal train {best_yaml}`).")
+            lines.append(f"\nFull config: [`best.yaml`](best.yaml) (rerun with `xmodal run {best_yaml}`).")
         lines.append("")
     groups = seed_groups(trials, metric)
     if any(g["n"] > 1 for g in groups):

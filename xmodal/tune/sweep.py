@@ -37,9 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ray.tune import Callback
 from ray.tune.search import ConcurrencyLimiter, Repeater
 
 from xmodal.engine.config import ExperimentConfig
+from xmodal.engine.console import CONSOLE, LOG_FILE
 from xmodal.engine.session import connect, state_api_available
 from xmodal.engine.storage import delete_tree, is_remote, read_text, write_text
 from xmodal.errors import ConfigError, RunFailedError, XmodalError, error_line, permanent_cause
@@ -446,6 +448,52 @@ def _sweep_trial(tune_config: dict[str, Any], plan: TrialPlan, trial_id: str) ->
     tune.report(final)
 
 
+class SweepProgress(Callback):
+    """One console line per trial that ends: trials ended and failed, running, the best so far and
+    the trial slots' busy share (Tune's own status table goes to the sweep's log file)."""
+
+    def __init__(self, name: str, folder: str, metric: str, mode: str, slots: int, total: int | None) -> None:
+        self.name, self.folder, self.metric, self.mode, self.slots, self.total = name, folder, metric, mode, slots, total
+        self.started = time.time()
+        self.begun: dict[str, float] = {}
+        self.busy = 0.0
+        self.done = self.failed = 0
+        self.best: tuple[float, str] | None = None
+
+    def status(self, trial_id: str, result: dict[str, Any] | None, error: str | None = None) -> str:
+        """Record an ended trial; returns its console line."""
+        now = time.time()
+        self.busy += now - self.begun.pop(trial_id, now)
+        value = (result or {}).get(self.metric)
+        if error is not None:
+            self.failed += 1
+            outcome = f"failed: {error}"
+        else:
+            self.done += 1
+            outcome = f"{self.metric} {value:.4f}" if isinstance(value, (int, float)) else "ended without a final metric"
+            if isinstance(value, (int, float)) and (self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])):
+                self.best = (float(value), trial_id)
+        running = len(self.begun)
+        busy = self.busy + sum(now - begun for begun in self.begun.values())
+        share = busy / max(self.slots * (now - self.started), 1e-9)
+        of = f"/{self.total}" if self.total else ""
+        best = f"; best {self.metric} {self.best[0]:.4f} (trial {self.best[1]})" if self.best else ""
+        return (
+            f"[sweep {self.name}] trial {trial_id} {outcome} | {self.done + self.failed}{of} ended "
+            f"({self.failed} failed), {running} running{best}; slots busy {100 * min(share, 1.0):.0f}%"
+        )
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.begun.setdefault(trial.trial_id, time.time())
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        CONSOLE.line(self.status(trial.trial_id, trial.last_result))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = read_text(permanent_failure_marker(self.folder, trial.trial_id)) or "see its error.txt"
+        CONSOLE.line(self.status(trial.trial_id, trial.last_result, error=error.strip()))
+
+
 # ----------------------------------------------------------------------------- Ray
 
 
@@ -568,6 +616,12 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
     saved_api_address = os.environ.get("RAY_API_SERVER_ADDRESS")
     started_ray = start_ray(spec, base, per_trial)
     started = time.time()
+    CONSOLE.show_runs = False
+    CONSOLE.log_to(Path(folder if not is_remote(folder) else results_root) / LOG_FILE)
+    # Tune's newer console output prints its header and status tables at any verbosity; the
+    # classic reporter is silent at verbose=0 (SweepProgress prints a line per ended trial).
+    saved_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     try:
         import ray
 
@@ -582,10 +636,13 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
             keep_trial_results(folder)
             delete_tree(f"{folder.rstrip('/')}/{PERMANENT_FAILURES_DIR}")  # the user may have fixed their cause
             tuner = tune.Tuner.restore(folder, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False)
-            print(f"[sweep {spec.name}] resuming from {folder}", flush=True)
+            CONSOLE.line(f"[sweep {spec.name}] resuming from {folder}")
         else:
             write_text(folder.rstrip("/") + "/" + SPEC_FILE, json.dumps(spec.to_plain(), indent=2))
             search_alg, param_space, num_samples = make_search(spec, slots)
+            grid = [len(v["grid_search"]) for v in param_space.values() if isinstance(v, dict) and "grid_search" in v]
+            total = num_samples * math.prod(grid)
+            progress = SweepProgress(spec.name, folder, spec.metric, spec.mode, int(slots), total)
             if settings.scheduler == "asha":
                 # time_attr=epoch survives resumes; max_t above the last epoch so ASHA never kills a
                 # trial that is finishing (its test evaluation and summary come after the last epoch).
@@ -610,13 +667,14 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
                     name=spec.name,
                     storage_path=settings.storage,
                     failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                    verbose=1,
+                    verbose=0,  # SweepProgress prints a line per ended trial
+                    callbacks=[progress],
                 ),
             )
-            print(
-                f"[sweep {spec.name}] {settings.search} search, {num_samples} trial(s) of "
-                f"{', '.join(f'{k}={v:g}' for k, v in per_trial.items())} each, {slots} at a time; folder {folder}",
-                flush=True,
+            CONSOLE.line(
+                f"[sweep {spec.name}] {settings.search} search, {total} trial(s) of "
+                f"{', '.join(f'{k}={v:g}' for k, v in per_trial.items())} each, {slots} at a time; folder {folder}; "
+                f"each trial's runs log to {LOG_FILE} in its results folder"
             )
         _record_session(folder, int(slots), started, None, resume)
         # Trials of a chain sweep coordinate their shared phases through this actor (no CPU held).
@@ -625,6 +683,12 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
         del locks
     finally:
         ended = time.time()
+        CONSOLE.show_runs = True
+        CONSOLE.log_to(None)
+        if saved_output is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = saved_output
         if started_ray:
             import ray
 

@@ -14,7 +14,6 @@ does not continue across tile edges.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,8 @@ from xmodal.data.synth.optical import OPTICAL_BAND_NAMES, render_optical
 from xmodal.data.synth.sar import render_sar
 from xmodal.data.synth.scene import build_scene
 from xmodal.data.synth.style import RegionStyle, region_style
+from xmodal.progress import track
 
-logger = logging.getLogger(__name__)
 
 _SCENE_TAG = 0x5CE1E
 WORLD_FILE = "world.json"
@@ -171,14 +170,13 @@ def generate_world(out_dir: str | Path, config: WorldConfig) -> Manifest:
     differing = 0.0
     valid_total = 0
     started = time.perf_counter()
-    for region_index, style in enumerate(styles):
-        for scene_index in range(config.scenes_per_region):
-            products = generate_scene(config, region_index, scene_index)
-            records.append(_write_tile(out, config, style, region_index, scene_index, products))
-            n_valid = int(products["valid"].sum())
-            differing += float(products["noise_rate"]) * n_valid
-            valid_total += n_valid
-        logger.info("synthetic world: region %s done (%d tiles)", style.name, config.scenes_per_region)
+    scenes = [(r, style, i) for r, style in enumerate(styles) for i in range(config.scenes_per_region)]
+    for region_index, style, scene_index in track(scenes, "synthetic world", unit="tile"):
+        products = generate_scene(config, region_index, scene_index)
+        records.append(_write_tile(out, config, style, region_index, scene_index, products))
+        n_valid = int(products["valid"].sum())
+        differing += float(products["noise_rate"]) * n_valid
+        valid_total += n_valid
     elapsed = time.perf_counter() - started
     noise_rate = differing / valid_total if valid_total else 0.0
 
