@@ -63,6 +63,7 @@ from xmodal.data.readers.base import IndexResult, LoadOptions, Reader, Skipped, 
 from xmodal.data.sample import IGNORE_INDEX, PairedSample
 from xmodal.data.splits import find_leaks
 from xmodal.errors import ConfigError, DataError, PairingError
+from xmodal.progress import track
 
 # --------------------------------------------------------------------------------------------
 # Sentinel-1 / Sentinel-2 encoding shared by SEN12MS, DFC2020 and SSL4EO-S12
@@ -240,9 +241,9 @@ def read_headers(paths: Iterable[str], workers: int = 8) -> dict[str, RasterHead
 
     paths = list(dict.fromkeys(paths))
     if workers <= 1 or len(paths) < 16:
-        return {path: one(path) for path in paths}
+        return {path: one(path) for path in track(paths, "reading headers", unit="file")}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return dict(zip(paths, pool.map(one, paths)))
+        return dict(zip(paths, track(pool.map(one, paths), "reading headers", total=len(paths), unit="file")))
 
 
 def to_crs(crs: str) -> CRS:
