@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from xmodal.data.manifest import SPLITS, DatasetInfo, record_layers
+from xmodal.data.manifest import SPLITS, DatasetInfo, record_layers, spread
 from xmodal.data.readers.base import LoadOptions, Reader, detect_reader
 from xmodal.data.sample import PairedSample
 from xmodal.errors import XmodalError
@@ -80,16 +80,6 @@ class _BandStats:
             entry["nodata_fraction"] = float(1 - self.valid[band] / self.pixels) if self.pixels else None
             bands.append(entry)
         return {"bands": bands, "invalid_fraction": float(self.invalid_pixels / self.pixels) if self.pixels else None}
-
-
-def _spread(records: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
-    """Up to ``count`` records spread evenly over the manifest (deterministic)."""
-    if count <= 0 or not records:
-        return []
-    if len(records) <= count:
-        return list(records)
-    positions = np.unique(np.linspace(0, len(records) - 1, count).round().astype(int))
-    return [records[p] for p in positions]
 
 
 def _layer_batches(names: list[str]) -> list[tuple[str | None, str | None]]:
@@ -148,7 +138,7 @@ def inspect_dataset(path: str | Path, max_tiles: int = 50, **index_options: Any)
     unknown = Counter[str]()
     load_errors = []
     loaded = 0
-    for record in _spread(records, max_tiles):
+    for record in spread(records, max_tiles):
         try:
             sample, labels = _load_all_layers(reader, record, info, data_root)
         except XmodalError as exc:

@@ -288,3 +288,13 @@ def declared_reader(root: Path) -> str | None:
         return None
     data = read_json(path)
     return data.get("reader") if isinstance(data, dict) else None
+
+
+def spread(items: list[Any], count: int) -> list[Any]:
+    """At most ``count`` of ``items``, evenly spread over the list (deterministic; all when they fit)."""
+    if count <= 0:
+        return []
+    if len(items) <= count:
+        return list(items)
+    step = len(items) / count
+    return [items[int(i * step)] for i in range(count)]

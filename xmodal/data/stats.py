@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from xmodal.data.bands import BandSet, sar_to_db
-from xmodal.data.manifest import STATS_FILE, Manifest, read_json
+from xmodal.data.manifest import STATS_FILE, Manifest, read_json, spread
 from xmodal.data.readers.base import LoadOptions, get_reader
 from xmodal.errors import DataError
 from xmodal.progress import track
@@ -186,9 +186,8 @@ def compute_stats(
     records = manifest.records if split == "all" else manifest.split(split)
     if not records:
         raise DataError(f"no records in split {split!r}; assign splits before computing statistics")
-    if max_tiles is not None and len(records) > max_tiles:
-        step = len(records) / max_tiles
-        records = [records[int(i * step)] for i in range(max_tiles)]
+    if max_tiles is not None:
+        records = spread(records, max_tiles)
     reader = get_reader(manifest.info.reader)
     rng = np.random.default_rng(seed)
     sar_acc = _Accumulator(manifest.info.sar_bands, rng, converted_to_db=sar_db)

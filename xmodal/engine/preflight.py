@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from xmodal.data.manifest import spread
 from xmodal.data.prepared import PreparedData, padding_share
 from xmodal.engine.config import ExperimentConfig
 from xmodal.engine.results import results_dir
@@ -30,6 +31,7 @@ from xmodal.engine.setup import build_method
 from xmodal.engine.storage import is_remote
 from xmodal.errors import ConfigError, XmodalError
 from xmodal.methods.base import DataSpec, MethodContext
+
 
 def check_writable(location: str | Path, key: str) -> None:
     """Create the local folder ``location`` (a URI is left to its store) and check it takes a file.
@@ -58,12 +60,7 @@ def sample_records(prepared: PreparedData, limit: int) -> tuple[list[dict[str, A
     """The records the pre-flight decodes (each split's, evenly spread) and how many there are in all."""
     records = [record for split in ("train", "val", "test") for record in prepared.records(split)]
     unique = list({record["index"]: record for record in records}.values())
-    if len(unique) <= limit:
-        return unique, len(unique)
-    if limit == 0:
-        return [], len(unique)
-    step = len(unique) / limit
-    return [unique[int(i * step)] for i in range(limit)], len(unique)
+    return spread(unique, limit), len(unique)
 
 
 def check_decodes(prepared: PreparedData) -> tuple[int, int]:

@@ -167,6 +167,18 @@ def write_run_results(folder: str | Path, summary: dict[str, Any], outcome: dict
     (out / FAILED_FILE).unlink(missing_ok=True)
 
 
+def read_snapshot(folder: Path) -> tuple[set[str], int | None]:
+    """Ray Train's record of a run folder's checkpoints: the folders it tracks, and the epoch of
+    its latest one (empty and ``None`` when there is no readable record)."""
+    try:
+        snapshot = json.loads((folder / SNAPSHOT_FILE).read_text())
+    except (OSError, ValueError):
+        return set(), None
+    tracked = {entry["checkpoint_dir_name"] for entry in snapshot.get("checkpoint_results", [])}
+    latest = (snapshot.get("latest_checkpoint_result") or {}).get("metrics", {}).get("epoch")
+    return tracked, latest if isinstance(latest, int) else None
+
+
 def record_failure(config: ExperimentConfig, error: str) -> None:
     """Keep why a run stopped (``failed.json`` in its results folder) for ``xmodal report``."""
     out = results_dir(config)

@@ -9,7 +9,6 @@ the driver, before any worker starts.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -28,7 +27,7 @@ from xmodal.engine.config import ExperimentConfig, check_same_run, fingerprint
 from xmodal.engine.console import CONSOLE, LOG_FILE
 from xmodal.engine.loop import WorkerPlan, train_loop_per_worker
 from xmodal.engine.preflight import preflight
-from xmodal.engine.results import SNAPSHOT_FILE, RunResult, record_failure, results_dir, storage_path, summarise, write_run_results
+from xmodal.engine.results import SNAPSHOT_FILE, RunResult, read_snapshot, record_failure, results_dir, storage_path, summarise, write_run_results
 from xmodal.engine.session import connect
 from xmodal.engine.setup import BestTracker, metric_spec, prepare_run_data, result_line, run_header
 from xmodal.engine.storage import is_remote
@@ -141,17 +140,6 @@ def run_folder(config: ExperimentConfig) -> Path | None:
     return Path(storage_path(config)) / config.name
 
 
-def _tracked_checkpoints(folder: Path) -> tuple[set[str], int | None]:
-    """The checkpoint folders Ray's snapshot records, and the epoch of its latest one."""
-    path = folder / SNAPSHOT_FILE
-    if not path.is_file():
-        return set(), None
-    snapshot = json.loads(path.read_text())
-    tracked = {entry["checkpoint_dir_name"] for entry in snapshot.get("checkpoint_results", [])}
-    latest = (snapshot.get("latest_checkpoint_result") or {}).get("metrics", {}).get("epoch")
-    return tracked, latest
-
-
 def reconcile_checkpoints(config: ExperimentConfig, log: Callable[[str], None] = print) -> str | None:
     """Adopt or clean the checkpoint folders of this run that Ray's snapshot does not record.
 
@@ -166,7 +154,9 @@ def reconcile_checkpoints(config: ExperimentConfig, log: Callable[[str], None] =
     folder = run_folder(config)
     if folder is None or not folder.is_dir():
         return None
-    tracked, latest = _tracked_checkpoints(folder)
+    tracked, latest = read_snapshot(folder)
+    if not tracked and (folder / SNAPSHOT_FILE).is_file():
+        return None  # a record Ray wrote but this cannot read: touch nothing
     strays: list[tuple[int, Path]] = []
     for path in sorted(p for p in folder.glob("checkpoint_*") if p.is_dir() and p.name not in tracked):
         try:
@@ -190,7 +180,7 @@ def remove_untracked_checkpoints(config: ExperimentConfig) -> None:
     folder = run_folder(config)
     if folder is None or not (folder / SNAPSHOT_FILE).is_file():
         return
-    tracked, _ = _tracked_checkpoints(folder)
+    tracked, _ = read_snapshot(folder)
     for path in folder.glob("checkpoint_*"):
         if path.is_dir() and path.name not in tracked:
             shutil.rmtree(path, ignore_errors=True)
@@ -208,7 +198,7 @@ def check_resumable(config: ExperimentConfig, adopted: str | None = None) -> Non
     folder = run_folder(config)
     if folder is None or not folder.is_dir():
         return
-    tracked, _ = _tracked_checkpoints(folder)
+    tracked, _ = read_snapshot(folder)
     candidates = [folder / name for name in sorted(tracked)] + ([Path(adopted)] if adopted else [])
     states = [path / STATE_FILE for path in candidates if (path / STATE_FILE).is_file()]
     if states:

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from xmodal.engine.plain import LAST_DIR
-from xmodal.engine.results import FAILED_FILE, RESUME_HINT, SNAPSHOT_FILE
+from xmodal.engine.results import FAILED_FILE, RESUME_HINT, SNAPSHOT_FILE, read_snapshot
 from xmodal.engine.training import METRICS_FILE
 from xmodal.errors import ConfigError
 from xmodal.report.stats import mean_and_error
@@ -130,14 +130,14 @@ def collect_runs(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def _checkpoint_epoch(folder: Path) -> int | None:
     """The epoch of a run folder's latest checkpoint: Ray's record of it, or the plain loop's ``checkpoint_last``."""
-    for path, read in ((folder / SNAPSHOT_FILE, lambda d: (d.get("latest_checkpoint_result") or {}).get("metrics", {})), (folder / LAST_DIR / METRICS_FILE, lambda d: d)):
-        try:
-            epoch = read(json.loads(path.read_text())).get("epoch")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(epoch, int):
-            return epoch
-    return None
+    _, latest = read_snapshot(folder)
+    if latest is not None:
+        return latest
+    try:
+        epoch = json.loads((folder / LAST_DIR / METRICS_FILE).read_text()).get("epoch")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return epoch if isinstance(epoch, int) else None
 
 
 def collect_unfinished(run_dir: str | Path) -> list[dict[str, Any]]:

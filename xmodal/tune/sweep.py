@@ -685,20 +685,22 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
         ended = time.time()
         CONSOLE.show_runs = True
         CONSOLE.log_to(None)
-        if saved_output is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = saved_output
+        _restore_env("RAY_AIR_NEW_OUTPUT", saved_output)
         if started_ray:
             import ray
 
             ray.shutdown()
-            if saved_api_address is None:
-                os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-            else:
-                os.environ["RAY_API_SERVER_ADDRESS"] = saved_api_address
+            _restore_env("RAY_API_SERVER_ADDRESS", saved_api_address)
     _record_session(folder, int(slots), started, ended, resume)
     return summarise_sweep(spec, folder, started, ended, int(slots))
+
+
+def _restore_env(name: str, saved: str | None) -> None:
+    """Put an environment variable back as it was before the sweep (unset if it was)."""
+    if saved is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = saved
 
 
 def keep_trial_results(folder: str) -> None:
