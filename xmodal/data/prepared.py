@@ -23,6 +23,9 @@ from xmodal.data.transforms import AugmentSettings, Decoder
 from xmodal.errors import ConfigError, DataError
 
 
+BATCH_SCOPES = ("worker", "global")
+
+
 @dataclass
 class DataSettings:
     """How a run reads its data (the ``data:`` section of a config).
@@ -35,7 +38,12 @@ class DataSettings:
         mask_layer: Label layer used as ``mask`` (e.g. ``buildings``, ``landcover``), or null.
         noisy_layer: Label layer used as ``noisy_mask``, or null.
         tile_size: Fixed tile height/width fed to models.
-        batch_size: Per-worker batch size.
+        batch_size: Training batch size, per worker or over all workers (``batch_scope``).
+        batch_scope: ``worker``: every DDP worker takes ``batch_size`` tiles per step (the global
+            batch grows with ``scaling.num_workers``); ``global``: ``batch_size`` tiles per step
+            over all workers together (each takes ``batch_size / num_workers``; refused when it
+            does not divide), so a paper's batch stays the paper's on any worker count. The plain
+            engine is one process: both mean the same there.
         sar_db: Convert SAR intensity bands (linear, amplitude) to dB before normalising.
         clip_sigma: Clip normalised values to this many standard deviations.
         labels: Which training tiles keep their labels (:class:`~xmodal.data.labels.LabelSettings`).
@@ -57,6 +65,7 @@ class DataSettings:
     noisy_layer: str | None = None
     tile_size: int = 128
     batch_size: int = 8
+    batch_scope: str = "worker"
     sar_db: bool = True
     clip_sigma: float = 6.0
     labels: LabelSettings = field(default_factory=LabelSettings)
@@ -75,6 +84,29 @@ class DataSettings:
             raise ConfigError(f"data.cache={self.cache!r}; expected auto, always or never")
         if self.tile_size <= 0 or self.batch_size <= 0:
             raise ConfigError(f"data.tile_size={self.tile_size}, data.batch_size={self.batch_size}; expected both > 0")
+        if self.batch_scope not in BATCH_SCOPES:
+            raise ConfigError(f"data.batch_scope={self.batch_scope!r}; expected one of {list(BATCH_SCOPES)}")
+
+    def worker_batch_size(self, world_size: int) -> int:
+        """Tiles each of ``world_size`` workers takes per training step.
+
+        Raises:
+            ConfigError: A global batch that ``world_size`` does not divide.
+        """
+        if self.batch_scope == "worker":
+            return self.batch_size
+        if self.batch_size % world_size:
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} with data.batch_scope=global does not divide over "
+                f"{world_size} workers; give a multiple of scaling.num_workers={world_size}"
+            )
+        return self.batch_size // world_size
+
+    def describe_batch(self, world_size: int) -> str:
+        """E.g. ``batch 32 (global: 16 per worker x 2)`` or ``batch 8 per worker``."""
+        if self.batch_scope == "global":
+            return f"batch {self.batch_size} (global: {self.worker_batch_size(world_size)} per worker x {world_size})"
+        return f"batch {self.batch_size} per worker" if world_size > 1 else f"batch {self.batch_size}"
 
     def load_options(self) -> LoadOptions:
         return LoadOptions(mask_layer=self.mask_layer, noisy_layer=self.noisy_layer)

@@ -160,6 +160,9 @@ class ExperimentConfig:
     phases: list[PhaseSettings] = field(default_factory=list)
     source: str = "<dict>"
 
+    def __post_init__(self) -> None:
+        self.data.worker_batch_size(self.scaling.num_workers)  # a global batch must divide over the workers
+
     def to_plain(self) -> dict[str, Any]:
         """Plain values (for YAML dumps, Tune configs and fingerprints)."""
         plain = to_dict(self)
@@ -287,7 +290,7 @@ def fingerprint(config: ExperimentConfig) -> dict[str, Any]:
     """
     plain = config.to_plain()
     data = dict(plain["data"])
-    for key in ("batch_size", "blocks", "cache", "shuffle_buffer", "check_tiles", "allow_padding"):
+    for key in ("batch_size", "batch_scope", "blocks", "cache", "shuffle_buffer", "check_tiles", "allow_padding"):
         data.pop(key, None)
     train = {k: v for k, v in plain["train"].items() if k != "epochs"}
     return {

@@ -49,11 +49,12 @@ class WorkerPlan:
 
     def steps_per_epoch(self, world_size: int) -> int:
         per_worker = self.train_tiles // world_size
-        steps = per_worker // self.config.data.batch_size
+        batch = self.config.data.worker_batch_size(world_size)
+        steps = per_worker // batch
         if steps == 0:
             raise DataError(
                 f"{self.train_tiles} training tiles over {world_size} worker(s) give fewer than one batch of "
-                f"{self.config.data.batch_size}; lower data.batch_size or scaling.num_workers"
+                f"{batch} per worker; lower data.batch_size or scaling.num_workers"
             )
         return steps
 
@@ -153,7 +154,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         resume_from(saved, method, state, config, config.run.storage, log)
     writer = open_tensorboard(plan.results_dir, state) if rank == 0 else None
 
-    batch_size, shuffle = config.data.batch_size, config.data.shuffle_buffer
+    batch_size, shuffle = config.data.worker_batch_size(world), config.data.shuffle_buffer
     labelled = "labelled" in plan.needs.streams
 
     def evaluation(split: str):

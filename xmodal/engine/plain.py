@@ -87,7 +87,7 @@ def run_plain_single(
     device = torch.device(device)
     inputs = inputs or {}
     prepared, spec, needs = prepare_run_data(config)
-    for line in run_header(config, prepared, f"the plain loop on {device.type}"):
+    for line in run_header(config, prepared, f"the plain loop on {device.type}", world_size=1):
         log(line)
     preflight(config, prepared, spec, set_up=False, log=log)
     loader = torch_loader(prepared, "train", num_workers=num_workers)

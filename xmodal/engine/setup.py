@@ -177,11 +177,12 @@ class BestTracker:
         self.weights = None
 
 
-def run_header(config: ExperimentConfig, prepared: PreparedData, engine: str) -> list[str]:
+def run_header(config: ExperimentConfig, prepared: PreparedData, engine: str, world_size: int | None = None) -> list[str]:
     """The lines a run starts with: what it trains, on which data, where, and where results go.
 
     Args:
         engine: How it runs, e.g. ``2 Ray Train worker(s) x 1 CPU`` or ``the plain loop on cpu``.
+        world_size: Processes sharing each step (default ``scaling.num_workers``; the plain loop: 1).
     """
     from xmodal.engine.results import results_dir
 
@@ -191,7 +192,8 @@ def run_header(config: ExperimentConfig, prepared: PreparedData, engine: str) ->
     return [
         f"{head} {config.method} from {config.source}; model {config.model.arch} {config.model.encoder or ''}".rstrip(),
         f"{head} data {config.data.root}: {counts} tiles of {config.data.tile_size} px (SAR {', '.join(info.sar_bands.names)}; "
-        f"optical {', '.join(info.optical_bands.names)}); {config.train.epochs} epoch(s) of batch {config.data.batch_size}",
+        f"optical {', '.join(info.optical_bands.names)}); {config.train.epochs} epoch(s) of "
+        f"{config.data.describe_batch(config.scaling.num_workers if world_size is None else world_size)}",
         f"{head} {engine}; results in {results_dir(config)}",
     ]
 

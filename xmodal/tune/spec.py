@@ -547,12 +547,18 @@ def load_sweep(source: str | Path | dict[str, Any], overrides: list[str] | None 
 
     sweep_raw = dict(sweep_raw)
     raw_parameters = sweep_raw.pop("parameters", None)
-    if not isinstance(raw_parameters, dict) or not raw_parameters:
-        raise ConfigError(f"{where}: sweep.parameters must map dotted config keys to their ranges or choices")
     try:
         settings = from_dict(SweepSettings, sweep_raw, "sweep")
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+    seeds_only = settings.search == "grid" and len(settings.seeds or []) > 1
+    if raw_parameters is None and seeds_only:
+        raw_parameters = {}  # a seeds-only sweep: the config itself, once per seed
+    if not isinstance(raw_parameters, dict) or not (raw_parameters or seeds_only):
+        raise ConfigError(
+            f"{where}: sweep.parameters must map dotted config keys to their ranges or choices "
+            "(or leave it out with search: grid and two or more seeds, to repeat the config per seed)"
+        )
     parameters: dict[str, Parameter] = {}
     for key, raw in raw_parameters.items():
         try:

@@ -26,6 +26,9 @@ from xmodal.methods.registry import register_method
 from xmodal.models import FIRST_CONV_MODES, build_network
 
 
+BINARY_HEADS = ("sigmoid", "softmax")
+
+
 @dataclass
 class SupervisedSettings:
     """Settings of the supervised baselines.
@@ -33,7 +36,11 @@ class SupervisedSettings:
     Attributes:
         input: Modality fed to the model: ``sar``, ``optical`` or ``both`` (channel stack).
         task: ``segmentation`` (per-pixel, uses the mask layer) or ``classification`` (scene label).
-        dice_weight: Weight of the Dice term added to BCE / CE.
+        dice_weight: Weight of the Dice term added to BCE / CE (0: cross-entropy alone).
+        binary_head: Head of a binary (2-class) segmenter: ``sigmoid`` (one logit channel, BCE)
+            or ``softmax`` (two channels, background and foreground, cross-entropy over them: the
+            binary cross-entropy on softmax predictions of paper 000, whose per-pixel maps a
+            distillation loss can compare over classes). Multi-class heads are always softmax.
         use_noisy_labels: Train on ``noisy_mask`` (evaluation always uses the clean ``mask``).
         init: Name of an input checkpoint (``inputs:`` of the run or an earlier phase) whose
             export initialises this network.
@@ -48,6 +55,7 @@ class SupervisedSettings:
     input: str = "sar"
     task: str = "segmentation"
     dice_weight: float = 1.0
+    binary_head: str = "sigmoid"
     use_noisy_labels: bool = False
     init: str | None = None
     init_export: str = "model"
@@ -60,6 +68,10 @@ class SupervisedSettings:
             raise ConfigError(f"method_settings.input={self.input!r}; expected one of {INPUTS}")
         if self.task not in ("segmentation", "classification"):
             raise ConfigError(f"method_settings.task={self.task!r}; expected segmentation or classification")
+        if self.binary_head not in BINARY_HEADS:
+            raise ConfigError(f"method_settings.binary_head={self.binary_head!r}; expected one of {list(BINARY_HEADS)}")
+        if self.dice_weight < 0:
+            raise ConfigError(f"method_settings.dice_weight={self.dice_weight}; expected >= 0")
         if self.init_part not in PARTS:
             raise ConfigError(f"method_settings.init_part={self.init_part!r}; expected one of {list(PARTS)}")
         if self.first_conv not in FIRST_CONV_MODES:
@@ -118,7 +130,7 @@ class Supervised(Method):
         torch.manual_seed(self.optim.seed)
         settings, channels = self.settings, self.data.channels(self.settings.input)
         if self.segmentation:
-            network = build_network("segmenter", **self.model_settings.segmenter_kwargs(channels, 1 if self.binary else self.num_classes))
+            network = build_network("segmenter", **self.model_settings.segmenter_kwargs(channels, self.head_channels()))
         else:
             network = build_network("classifier", **self.model_settings.classifier_kwargs(channels, self.num_classes, self.data.tile_size))
         if settings.init is not None:
@@ -129,6 +141,10 @@ class Supervised(Method):
                 parameter.requires_grad_(False)
         self.model = self.add_network("model", network, modality=settings.input, description=f"supervised {settings.task} on {settings.input}")
         self.main = self.add_optimizer("main", self.model.parameters())
+
+    def head_channels(self) -> int:
+        """Output channels of the segmenter: 1 for a sigmoid binary head, else one per class."""
+        return 1 if self.binary and self.settings.binary_head == "sigmoid" else self.num_classes
 
     # -- steps -------------------------------------------------------------------------------------
     def _train_mode(self) -> None:
