@@ -222,12 +222,15 @@ class StatefulRepeater(_KeepsOwnState, Repeater):
     """``Repeater`` (one configuration x several seeds) that remembers its groups across ``Tuner.restore``."""
 
 
-def round_robin(points: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+def round_robin(points: list[dict[str, Any]], key: str | None) -> list[dict[str, Any]]:
     """Grid points reordered to take turns between the values of ``key`` (the first parameter).
 
     Trials of one value usually share an early phase (an arm's pretraining); in turns, trials that
-    start together train different shared phases instead of queueing for one.
+    start together train different shared phases instead of queueing for one. ``None`` (a
+    seeds-only sweep) keeps the order.
     """
+    if key is None:
+        return list(points)
     groups: dict[str, list[dict[str, Any]]] = {}
     for point in points:
         groups.setdefault(json.dumps(point.get(key), sort_keys=True, default=str), []).append(point)
@@ -242,7 +245,7 @@ def make_search(spec: SweepSpec, max_concurrent: int) -> tuple[Any, dict[str, An
     settings = spec.settings
     seeds = spec.seeds
     if settings.search == "grid":
-        space: dict[str, Any] = {GRID_POINT_KEY: tune.grid_search(round_robin(spec.grid_points(), spec.parameters[0].key))}
+        space: dict[str, Any] = {GRID_POINT_KEY: tune.grid_search(round_robin(spec.grid_points(), spec.parameters[0].key if spec.parameters else None))}
         if len(seeds) > 1:
             space[SEED_KEY] = tune.grid_search(seeds)
         return None, space, 1
