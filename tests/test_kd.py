@@ -140,6 +140,65 @@ def test_mid_fin_switches_layers_at_the_configured_epoch(teacher_dir: Path):
     assert [halves.stage_index(done) for done in range(4)] == [0, 0, 1, 1]
 
 
+def test_mid_fin_stages_train_what_the_paper_says(teacher_dir: Path):
+    """M&F: in ``mid`` only the encoder learns (the decoder is downstream of the tap); in ``fin`` the
+    encoder is frozen, weights and BatchNorm statistics, and the decoder and head learn the
+    teacher's logits. ``stage_freeze_encoder`` overrides the default per stage."""
+    method = make_kd(teacher_dir, layers="mid+fin", switch_epochs=[1])
+    assert method.stage_frozen_encoder == [False, True] and "(encoder frozen)" in method.describe_stages()
+
+    def changed_after_step(step: int) -> set[str]:
+        before = snapshot(method.student)
+        method.train_step(batch(step), step)
+        return {k for k, v in method.student.state_dict().items() if not torch.equal(before[k], v)}
+
+    mid = changed_after_step(0)
+    assert mid and all(k.startswith("encoder.") for k in mid)
+    assert any("running_mean" in k for k in mid)  # the encoder's BatchNorm adapts to SAR in mid
+    method.finish_epoch(0, {})
+    fin = changed_after_step(1)
+    assert fin and not any(k.startswith("encoder.") for k in fin), sorted(fin)[:5]
+    assert any(k.startswith("decoder.") for k in fin) and any(k.startswith("segmentation_head.") for k in fin)
+
+    unfrozen = make_kd(teacher_dir, layers="mid+fin", switch_epochs=[1], stage_freeze_encoder=[False, False])
+    unfrozen.finish_epoch(0, {})
+    before = snapshot(unfrozen.student)
+    unfrozen.train_step(batch(1), 1)
+    assert any(k.startswith("encoder.") and not torch.equal(before[k], v) for k, v in unfrozen.student.state_dict().items())
+    with pytest.raises(ConfigError, match="expected 2 value"):
+        KdSettings(layers="mid+fin", stage_freeze_encoder=[True])
+    with pytest.raises(ConfigError, match="nothing would train"):
+        make_kd(teacher_dir, layers="mid", stage_freeze_encoder=[True])
+    assert KdSettings(layers="int").frozen_encoder_stages() == [False]
+
+
+def test_pre_activation_compares_the_pre_relu_maps_of_both_networks(teacher_dir: Path):
+    """With ``pre_activation`` the logged cosine is the one of the tensors entering the final ReLU,
+    on the teacher AND the student; without it, of the (non-negative) block outputs."""
+    from xmodal.losses import layer_cosine
+    from xmodal.models import FeatureTaps
+
+    layer = "encoder.stage2"
+    cosines = {}
+    for pre in (False, True):
+        method = make_kd(teacher_dir, layers=[layer], pre_activation=pre, reduction="pixel")
+        student, teacher, sample = method.student, method.teacher, batch(3)
+        student.train()
+        with FeatureTaps(teacher, [layer], detach=True, pre_activation=pre) as t_taps:
+            teacher(sample["optical"])
+            target = t_taps[layer]
+        torch.manual_seed(0)
+        with torch.no_grad(), FeatureTaps(student, [layer], detach=True, pre_activation=pre) as s_taps:
+            student(sample["sar"])
+            feature = s_taps[layer]
+        assert (target.min() < 0) == pre and (feature.min() < 0) == pre  # ReLU outputs are >= 0
+        expected = float(layer_cosine(feature, target, "pixel", None, 1e-8))
+        logged = method.train_step(sample, 0)[f"cosine/{layer}"]
+        assert logged == pytest.approx(expected, abs=1e-5)
+        cosines[pre] = logged
+    assert cosines[True] != pytest.approx(cosines[False], abs=1e-3)
+
+
 def test_pre_activation_and_explicit_tap_lists(teacher_dir: Path):
     method = make_kd(teacher_dir, layers=["encoder.stage2", "decoder.block1"], pre_activation=True, reduction="sample")
     logs = method.train_step(batch(), 0)
@@ -172,6 +231,61 @@ def test_ft_d_trains_the_decoder_and_keeps_encoder_batchnorm(teacher_dir: Path, 
     assert any("running_mean" in k for k in encoder)
     assert all(torch.equal(before[k], after[k]) for k in encoder)  # weights and BatchNorm statistics
     assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(("decoder.", "segmentation_head.")))
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        ModelSettings(arch="segnet", encoder=None, kwargs={"width": 0.125}),
+        ModelSettings(arch="pspnet", encoder="resnet18", encoder_depth=3),
+        ModelSettings(arch="deeplabv3plus", encoder="resnet18", decoder_channels=None),
+    ],
+    ids=["segnet", "pspnet", "deeplabv3plus"],
+)
+def test_ft_d_freezes_exactly_the_encoder_on_other_architectures(model: ModelSettings, tmp_path: Path):
+    """Ft-D's boundary: every ``encoder.`` tensor (weights and BatchNorm statistics) stays, every
+    decoder and head parameter may learn, on SegNet, PSPNet and DeepLabV3+ as on U-Net."""
+    torch.manual_seed(2)
+    student = build_network("segmenter", **model.segmenter_kwargs(2, 2))
+    student.train()
+    with torch.no_grad():
+        student(torch.randn(4, 2, 32, 32) * 2)
+    save_exports({"model": Export(student, "sar")}, tmp_path)
+    settings = SupervisedSettings(input="sar", init="student", freeze_encoder=True, binary_head="softmax", dice_weight=0.0)
+    finetune = Supervised(settings, model, SGD, SPEC)
+    finetune.setup(context({"student": tmp_path}))
+    trainable = {name for name, p in finetune.model.named_parameters() if p.requires_grad}
+    assert trainable and not any(name.startswith("encoder.") for name in trainable)
+    assert any(name.startswith("decoder.") for name in trainable) and any(name.startswith("segmentation_head.") for name in trainable)
+    before = snapshot(finetune.model)
+    for step in range(2):
+        finetune.train_step(batch(step), step)
+    after = finetune.model.state_dict()
+    encoder = [k for k in after if k.startswith("encoder.")]
+    assert any("running_mean" in k for k in encoder)
+    assert all(torch.equal(before[k], after[k]) for k in encoder)
+    moved = {k for k in after if not k.startswith("encoder.") and not torch.equal(before[k], after[k])}
+    assert any(k.startswith("decoder.") for k in moved) and any(k.startswith("segmentation_head.") for k in moved)
+
+
+def test_softmax_head_gives_two_channels_and_kd_compares_them_per_pixel(tmp_path: Path):
+    """The paper's two-channel softmax head: the supervised loss is cross-entropy over the two
+    channels (BCE on softmax), and kd's ``fin`` then runs a per-pixel cosine over classes."""
+    settings = SupervisedSettings(input="optical", binary_head="softmax", dice_weight=0.0)
+    teacher = Supervised(settings, MODEL, SGD, SPEC)
+    teacher.setup(context({}))
+    sample = batch(4)
+    logits = teacher.model(sample["optical"])
+    assert logits.shape[1] == 2
+    expected = torch.nn.functional.cross_entropy(logits, sample["mask"].long())
+    assert float(teacher._loss(logits, sample["mask"].long()).detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    save_exports(teacher.exports(), tmp_path)
+    kd = make_kd(tmp_path, layers="fin")
+    assert kd.classes == 2
+    logs = kd.train_step(sample, 0)
+    assert -1.0 <= logs["cosine/logits"] <= 1.0 and abs(logs["cosine/logits"]) != 1.0  # not sign(s) * sign(t)
+    with pytest.raises(ConfigError, match="binary_head"):
+        SupervisedSettings(binary_head="tanh")
 
 
 def test_paper_table_and_run_classification():
@@ -249,3 +363,44 @@ def test_teacher_reconstruct_finetune_chain_on_two_workers(tiny_world: Path, tmp
 
     files = render_run_report(tmp_path / "runs", echo=False)
     assert files.runs == 3 and "Int+Ft-A" in files.text and "unet:resnet18" in files.text
+
+
+def test_chain_hands_on_the_checkpoint_the_report_shows(tiny_world: Path, tmp_path: Path):
+    """Over several epochs the label-free reconstruction tests (and hands to Ft-A) the epoch of its
+    lowest validation loss, whatever its SAR IoU; ``checkpoint: last`` hands the last epoch."""
+    from xmodal.engine.config import build_config
+    from xmodal.engine.plain import run_plain
+    from xmodal.engine.training import METRICS_FILE
+
+    base = {
+        "method": "supervised",
+        "method_settings": {"input": "optical", "binary_head": "softmax", "dice_weight": 0.0},
+        "data": {"root": str(tiny_world), "tile_size": 64, "batch_size": 2},
+        "model": {"arch": "unet", "encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 8]},
+        "train": {"epochs": 1, "lr": 0.01},
+        "run": {"storage": str(tmp_path / "runs"), "panels": 0},
+    }
+    finetune = {"method_settings": {"input": "sar", "init": "student", "init_export": "model"}}
+    config = build_config(
+        {
+            **base,
+            "name": "handoff",
+            "phases": [
+                {"name": "teacher"},
+                {"name": "reconstruct", "inputs": {"teacher": "teacher"}, "overrides": {"method": "kd", "method_settings": {"layers": "int"}, "train": {"epochs": 4, "lr": 0.05}}},
+                {"name": "ft_tested", "inputs": {"student": "reconstruct"}, "overrides": finetune},
+                {"name": "ft_last", "inputs": {"student": {"source": "reconstruct", "checkpoint": "last"}}, "overrides": finetune},
+            ],
+        }
+    )
+    _, reconstruct, tested, last = run_plain(config, log=lambda line: None)
+    history = reconstruct.summary["history"]
+    losses = {row["epoch"]: row["val/loss"] for row in history if "val/loss" in row}
+    assert len(losses) == 4
+    best_epoch = min(losses, key=losses.get)
+    assert reconstruct.summary["metric"] == "val/loss" and reconstruct.summary["tested_epoch"] == best_epoch
+    assert json.loads((Path(reconstruct.checkpoint) / METRICS_FILE).read_text())["epoch"] == best_epoch
+    # The report shows the tested checkpoint's test metrics; Ft-A starts from that same checkpoint.
+    assert tested.summary["inputs"]["student"] == {"run": reconstruct.name, "checkpoint": reconstruct.checkpoint, "which": "tested"}
+    assert last.summary["inputs"]["student"]["checkpoint"] == reconstruct.last_checkpoint
+    assert json.loads((Path(reconstruct.last_checkpoint) / METRICS_FILE).read_text())["epoch"] == max(losses)

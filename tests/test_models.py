@@ -402,13 +402,12 @@ def test_layer_sets(arch: str) -> None:
     assert layer_set(model, "mid") == ["encoder.out"]
     assert layer_set(model, "fin") == ["logits"]
     intermediate = layer_set(model, "int")
-    encoder_part = [n for n in intermediate if n.startswith("encoder.")]
+    encoder_part = [n for n in intermediate if n.startswith(("encoder.", "module:encoder."))]
     decoder_part = [n for n in intermediate if n.startswith("decoder.")]
-    assert len(set(intermediate)) == len(intermediate) and set(intermediate) <= set(taps)
+    assert len(set(intermediate)) == len(intermediate) and set(intermediate) <= set(taps) | {n for n in intermediate if n.startswith("module:")}
     assert encoder_part and decoder_part and len(encoder_part) + len(decoder_part) == len(intermediate)
     assert "encoder.out" not in intermediate and "logits" not in intermediate
-    candidates = len(layer_set(model, "all_encoder")) - 1 + len(layer_set(model, "all_decoder"))
-    assert len(intermediate) == min(6, candidates)
+    assert len(intermediate) == 6  # the paper's six, on every architecture (PSPNet through its stage blocks)
     assert layer_set(model, "all_encoder") == [n for n in taps if n.startswith("encoder.stage")]
     assert layer_set(model, ["logits", "encoder.out"]) == ["logits", "encoder.out"]
 
@@ -424,10 +423,19 @@ def test_int_set_rule_on_unet_and_pspnet() -> None:
         "encoder.stage1", "encoder.stage2", "encoder.stage3", "encoder.stage4",
         "decoder.block0", "decoder.block1",
     ]  # fmt: skip
-    # PSPNet (depth 3) has only four candidates.
-    assert layer_set(small_model("pspnet"), "int") == [
-        "encoder.stage1", "encoder.stage2", "decoder.block0", "decoder.block1",
+    # PSPNet (depth 3) has four stage / decoder candidates: the ResNet blocks inside the encoder
+    # stages make up the paper's six, and each of the six is a distinct tensor of the forward.
+    pspnet = small_model("pspnet")
+    six = layer_set(pspnet, "int")
+    assert six == [
+        "encoder.stage1", "module:encoder.layer1.0", "encoder.stage2", "module:encoder.layer2.0",
+        "decoder.block0", "decoder.block1",
     ]  # fmt: skip
+    with FeatureTaps(pspnet.eval(), six) as taps:
+        pspnet(torch.randn(1, 2, 64, 64))
+        shapes = {name: tuple(taps[name].shape) for name in six}
+    assert shapes["module:encoder.layer1.0"] == shapes["encoder.stage2"] and len({id(taps[n]) for n in six}) == 6
+    assert shapes["module:encoder.layer2.0"][2] == 8  # inside the deepest stage, at its stride
 
 
 def test_unknown_layer_sets_raise_config_error() -> None:

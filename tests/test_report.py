@@ -141,3 +141,62 @@ def test_artifacts_a_run_saves_are_drawn_and_listed(tmp_path: Path):
     (folder / "run.json").write_text(json.dumps(summary))
     text = render_run_report(tmp_path / "runs", echo=False).text
     assert "Artifacts:" in text and str(folder / "artifacts" / "errors.png") in text
+
+
+# Paper 000, Table 2, typed from the paper's text (rows top to bottom, columns left to right:
+# UNet MobileNetV2, UNet VGG19, UNet Xception, PSPNet, SegNet VGG19, DeepLabV3+ Xception,
+# DeepLabV3+ ResNet50); None = '-'. Independent of xmodal.methods.kd.paper on purpose.
+TYPED_TABLE_2 = {
+    "Optical": (54.2, 66.51, 73.59, 76.39, 62.03, 42.07, 59.69),
+    "SAR": (32.83, 25.09, 48.61, 35.43, 31.37, 28.92, 34.33),
+    "Mid": (12.17, 8.67, 11.79, 5.41, 8.88, 12.78, 14.79),
+    "Mid+Ft-D": (36.3, None, 42.39, 30.26, None, 26.66, 34.32),
+    "Mid+Ft-A": (36.07, None, 43.85, 31.86, None, 32.2, 43.04),
+    "Fin": (21.06, 27.5, 39.67, 25.88, 17.54, 19.86, 30.38),
+    "Fin+Ft-D": (31.98, 37.69, 48.16, 35.62, None, 22.96, 38.77),
+    "Fin+Ft-A": (33.96, 40.72, 50.23, 37.76, None, 28.72, 40.34),
+    "M&F": (29.14, 22.72, 42.54, 34.46, 24.97, 18.45, 32.39),
+    "M&F+Ft-D": (38.44, 32.99, 48.72, 36.44, None, 26.3, 32.39),
+    "M&F+Ft-A": (37.72, 42.66, 53.27, 37.56, None, 31.95, 42.33),
+    "Int": (30.41, 32.14, 41.14, 26.63, 29.87, 21.05, 35.06),
+    "Int+Ft-D": (34.58, 33.33, 53.45, 32.51, 35.85, 24.74, 40.69),
+    "Int+Ft-A": (37.99, 46.09, 53.45, 29.88, 42.73, 32.96, 42.73),
+}
+
+
+def _markdown_rows(text: str, title: str) -> dict[str, list[str]]:
+    section = text[text.index(title):]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[1:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) != len(header):
+            break
+        rows[cells[0]] = cells[1:]
+    return {"": header[1:], **rows}
+
+
+def test_report_shows_every_paper_cell_of_table_2(grid_runs: Path, tmp_path: Path):
+    """All 98 paper numbers of Table 2 as the report prints them, against the table typed above;
+    the paper-mean column counts only the models with a value and says so."""
+    text = render_run_report(grid_runs, tmp_path / "out", echo=False).text
+    rows = _markdown_rows(text, "Cross-modal KD (paper 000), Table 2")
+    assert rows[""][:7] == ["UNet MobileNetV2", "UNet VGG19", "UNet Xception", "PSPNet (vanilla enc.)", "SegNet VGG19", "DeepLabV3+ Xception", "DeepLabV3+ ResNet50"]
+    mean_column = rows[""].index("Paper mean")
+    checked = 0
+    for label, values in TYPED_TABLE_2.items():
+        printed = rows[label]
+        for column, value in enumerate(values):
+            paper_part = printed[column].rsplit(" / ", 1)[1]
+            assert paper_part == ("-" if value is None else f"{value:.2f}"), (label, column, printed[column])
+            checked += 1
+        present = [v for v in values if v is not None]
+        mean_text = printed[mean_column].rsplit(" / ", 1)[1]
+        expected = f"{sum(present) / len(present):.2f}" + ("" if len(present) == 7 else f" ({len(present)} of 7)")
+        assert mean_text == expected, (label, mean_text)
+    assert checked == 98
+    # The notes name what the table's '-' cells are and where our runs depart from the paper.
+    assert "'-' = not run in the paper" in text and "SegNet VGG19 after Mid, Fin and M&F" in text
+    assert "ImageNet" in text and "PS-RGBNIR" in text and "random 90/5/5" in text
+    assert "Deviation: " in text and "sigmoid head" in text  # the fixture's runs record no binary_head

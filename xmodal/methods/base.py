@@ -398,6 +398,12 @@ class Method(ABC):
         (then the table's declarative ``match`` rules decide)."""
         return None
 
+    @classmethod
+    def report_notes(cls, table: dict[str, Any], runs: list[dict[str, Any]]) -> list[str]:
+        """Notes under one of :attr:`paper_tables` about the runs placed in it (e.g. where their
+        settings depart from the paper's); the table's own ``notes`` are about the paper."""
+        return []
+
     # -- lifecycle (the engine calls these) ---------------------------------------------------------
     @abstractmethod
     def setup(self, context: MethodContext) -> None:

@@ -59,8 +59,12 @@ Named layer sets (:func:`layer_set`), as used by the paper:
 * ``int`` = up to six intermediate layers: encoder stages other than ``encoder.out`` and decoder taps
   (``decoder.center`` and ``decoder.block*``), three of each; when one side has fewer candidates the
   other side makes up the difference; within a side, layers are spread evenly from the first to the
-  last candidate (positions ``round(j * (n - 1) / (k - 1))``, halves rounded up). Models with fewer
-  than six candidates (e.g. PSPNet at depth 3) get all of them.
+  last candidate (positions ``round(j * (n - 1) / (k - 1))``, halves rounded up). When stages and
+  decoder taps give fewer than six (PSPNet at depth 3: two stages below ``encoder.out``, two decoder
+  blocks), the residual blocks inside smp ResNet-style encoder stages join the encoder candidates
+  (``module:encoder.layer<i>.<j>``, every block but a stage's last): PSPNet + ResNet-18 at depth 3
+  then gets the paper's six (``stage1``, ``layer1.0``, ``stage2``, ``layer2.0``, both decoder
+  blocks). Models still short of six get every candidate.
 * ``all_encoder`` = every ``encoder.stage*``; ``all_decoder`` = ``decoder.center`` (if any) and every
   ``decoder.block*``.
 """
@@ -315,6 +319,8 @@ def layer_set(model: Any, name: str | Sequence[str]) -> list[str]:
         # The deepest stage is "mid"; the intermediate set is what lies between the input and the logits.
         deepest = points["encoder.out"]
         encoder_candidates = [tap for tap in encoder_stages if points[tap] != deepest]
+        if len(encoder_candidates) + len(decoder_taps) < INT_SET_SIZE:
+            encoder_candidates = _with_stage_blocks(module, encoder_stages, points)
         n_decoder = min(INT_SET_PER_SIDE, len(decoder_taps))
         n_encoder = min(INT_SET_SIZE - n_decoder, len(encoder_candidates))
         n_decoder = min(INT_SET_SIZE - n_encoder, len(decoder_taps))
@@ -327,6 +333,27 @@ def layer_set(model: Any, name: str | Sequence[str]) -> list[str]:
         f"unknown layer set {name!r}{hint}; expected one of {list(LAYER_SETS)}, a tap name from "
         f"{list(points)}, or a list of tap names"
     )
+
+
+def _with_stage_blocks(module: nn.Module, encoder_stages: Sequence[str], points: dict[str, TapPoint]) -> list[str]:
+    """Encoder ``int`` candidates of a shallow encoder: its stages refined into their residual blocks.
+
+    In smp's ResNet-style encoders stage ``k >= 2`` ends with ``layer<k-1>``; every block of it but
+    the last (whose output is the stage's) becomes a ``module:encoder.layer<k-1>.<j>`` candidate,
+    in forward order, the deepest stage's inner blocks included (its last block is ``encoder.out``).
+    Other encoders keep their stages.
+    """
+    encoder = getattr(module, "encoder", None)
+    deepest = points["encoder.out"]
+    candidates: list[str] = []
+    for tap in encoder_stages:
+        stage = int(tap.removeprefix("encoder.stage"))
+        blocks = getattr(encoder, f"layer{stage - 1}", None) if stage >= 2 else None
+        if isinstance(blocks, nn.Sequential):
+            candidates += [f"{MODULE_TAP_PREFIX}encoder.layer{stage - 1}.{j}" for j in range(len(blocks) - 1)]
+        if points[tap] != deepest:
+            candidates.append(tap)
+    return candidates
 
 
 def _select(output: Any, index: tuple[int, ...], name: str) -> torch.Tensor:

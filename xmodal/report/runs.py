@@ -84,6 +84,7 @@ class TableCell:
     ours: float | None = None
     error: float = 0.0
     paper: float | None = None
+    paper_detail: str = ""  # e.g. "5 of 7" for a paper mean over fewer models than the table has
 
 
 @dataclass
@@ -94,6 +95,7 @@ class FilledTable:
     rows: list[dict[str, Any]]
     columns: list[dict[str, Any]]
     cells: dict[tuple[str, str], TableCell]
+    notes: list[str] = field(default_factory=list)  # about the runs placed (the spec's notes are about the paper)
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -202,11 +204,22 @@ def method_tables() -> Callable[[str], list[tuple[dict[str, Any], Classifier | N
     return lookup
 
 
-def _classifier(cls: Any, table: dict[str, Any]) -> Classifier:
-    def place(run: dict[str, Any], runs: list[dict[str, Any]]) -> tuple[str, str] | None:
-        return cls.report_cell(table, run, runs) or match_cell(table, run)
+class _MethodClassifier:
+    """Places runs in one of a method's tables (``Method.report_cell``, else the table's ``match``
+    rules) and gives the notes the placed runs call for (``Method.report_notes``)."""
 
-    return place
+    def __init__(self, cls: Any, table: dict[str, Any]) -> None:
+        self.cls, self.table = cls, table
+
+    def __call__(self, run: dict[str, Any], runs: list[dict[str, Any]]) -> tuple[str, str] | None:
+        return self.cls.report_cell(self.table, run, runs) or match_cell(self.table, run)
+
+    def notes(self, placed: list[dict[str, Any]]) -> list[str]:
+        return list(self.cls.report_notes(self.table, placed))
+
+
+def _classifier(cls: Any, table: dict[str, Any]) -> Classifier:
+    return _MethodClassifier(cls, table)
 
 
 def _matches(run: dict[str, Any], rules: dict[str, Any] | None) -> bool:
@@ -251,11 +264,13 @@ def fill_table(spec: dict[str, Any], classifier: Classifier | None, runs: list[d
     metric, scale = spec.get("metric", "test/iou"), float(spec.get("scale", 1.0))
     if spec.get("paper_mean_column"):
         paper_columns = [c["key"] for c in spec.get("columns", [])]
-        columns.append({"key": PAPER_MEAN, "label": f"Paper mean ({len(paper_columns)} models)"})
+        columns.append({"key": PAPER_MEAN, "label": "Paper mean"})
         paper = {row: dict(values) for row, values in paper.items()}
-        for values in paper.values():
+        counts = {}
+        for row, values in paper.items():
             numbers = [values[c] for c in paper_columns if isinstance(values.get(c), (int, float))]
             values[PAPER_MEAN] = sum(numbers) / len(numbers) if numbers else None
+            counts[row] = len(numbers)
     for row in rows:
         for column in columns:
             cell = cells.setdefault((row["key"], column["key"]), TableCell())
@@ -263,7 +278,11 @@ def fill_table(spec: dict[str, Any], classifier: Classifier | None, runs: list[d
             if values:
                 cell.ours, _, cell.error = mean_and_error(values)
             cell.paper = (paper.get(row["key"]) or {}).get(column["key"])
-    return FilledTable(spec, rows, columns, cells), claimed
+            if column["key"] == PAPER_MEAN and cell.paper is not None and counts[row["key"]] < len(paper_columns):
+                cell.paper_detail = f"{counts[row['key']]} of {len(paper_columns)}"
+    notes_of = getattr(classifier, "notes", None)
+    notes = notes_of([runs[index] for index in sorted(claimed)]) if notes_of is not None and claimed else []
+    return FilledTable(spec, rows, columns, cells, notes), claimed
 
 
 def _extra_label(row: str, rows: list[dict[str, Any]]) -> str:
@@ -291,7 +310,7 @@ def _number(value: float | None) -> str:
 def _cell_text(cell: TableCell) -> str:
     ours = _number(cell.ours) or ("n/a" if cell.runs else "-")
     spread = f" +- {cell.error:.2f} (n={len(cell.runs)})" if len(cell.runs) > 1 and cell.ours is not None else ""
-    paper = _number(cell.paper) or "-"
+    paper = (_number(cell.paper) + (f" ({cell.paper_detail})" if cell.paper_detail else "")) if cell.paper is not None else "-"
     return f"{ours}{spread} / {paper}"
 
 
@@ -309,7 +328,7 @@ def table_markdown(table: FilledTable) -> str:
     lines = [[r["label"]] + [_cell_text(table.cells[(r["key"], c["key"])]) for c in table.columns] for r in used_rows]
     parts = [f"## {spec.get('title', spec.get('key', 'table'))}", "", f"Each cell: ours / paper ({spec.get('metric', 'test/iou')} x {spec.get('scale', 1.0):g}; '-' = none).", ""]
     parts.append(_markdown_table(header, lines))
-    notes = spec.get("notes") or []
+    notes = [*(spec.get("notes") or []), *table.notes]
     if notes:
         parts += [""] + [f"- {note}" for note in notes]
     return "\n".join(parts)

@@ -35,9 +35,11 @@ Choices the paper leaves open (all settings, see :class:`KdSettings`):
 * Dead activations. A tapped map that ends in a ReLU can be all-zero for a sample or pixel: the
   cosine is then 0 with no gradient. ``pre_activation: true`` compares the inputs of those ReLUs
   instead (same layers, negative part kept).
-* ``mid+fin`` ("M&F"): sequential, ``mid`` for the first part of the epochs, then ``fin``; any
+* ``mid+fin`` ("M&F"): sequential, ``mid`` for the first part of the epochs, then ``fin`` with the
+  encoder frozen (the paper: like Mid + Ft-D, with the teacher's logits as pseudo-labels); any
   ``a+b[+c...]`` of layer sets or tap names works the same way, switching at ``switch_epochs``
-  (default: equal shares, the first stage getting the extra epoch of an odd count).
+  (default: equal shares, the first stage getting the extra epoch of an odd count: the paper gives
+  no split), freezing the encoder per stage as ``stage_freeze_encoder`` says.
 * Layers downstream of every chosen tap (e.g. the decoder for ``mid``) get no gradient: their
   weights stay the teacher's, and their BatchNorm layers are kept in eval mode so SAR statistics
   do not leak into layers the loss does not train (as a Keras model whose outputs are the chosen
@@ -64,7 +66,7 @@ from xmodal.losses import REDUCTIONS, layer_cosine, predict_classes, reconstruct
 from xmodal.methods.base import DataNeeds, DataSpec, EvalResult, InputSpec, Method, MethodContext, MetricSpec, ModelSettings
 from xmodal.methods.exports import rebuild_export
 from xmodal.methods.inputs import INPUTS, gate_labels, select_input
-from xmodal.methods.kd.paper import PAPER_TABLE, classify_run
+from xmodal.methods.kd.paper import PAPER_TABLE, classify_run, report_notes
 from xmodal.methods.metrics import MeanMeter, SegmentationMeter
 from xmodal.methods.registry import register_method
 from xmodal.models import FIRST_CONV_MODES, FeatureTaps, build_network, copy_matching_weights, layer_set, recipe_of, unwrap_model
@@ -83,7 +85,11 @@ class KdSettings:
             (matched simultaneously). See :func:`xmodal.models.layer_set`.
         switch_epochs: For sequential layers ``a+b[+c]``: the epoch (count of finished epochs)
             at which each later stage starts, one value per ``+``. ``None``: equal shares,
-            stage ``k`` of ``n`` starting at ``ceil(k * epochs / n)``.
+            stage ``k`` of ``n`` starting at ``ceil(k * epochs / n)`` (the paper gives no split).
+        stage_freeze_encoder: Per sequential stage, whether the student's encoder (weights and
+            BatchNorm statistics) is frozen in it. ``None``: the paper's M&F for ``mid+fin`` (the
+            encoder learns in ``mid``, then only the decoder and head learn the teacher's logits,
+            like Mid + Ft-D on pseudo-labels), nothing frozen otherwise.
         reduction: Cosine axis: ``pixel`` (over channels at each position), ``sample`` (over the
             flattened activation of each sample) or ``auto`` (``sample`` for 1-channel maps,
             whose per-pixel cosine has no gradient, ``pixel`` otherwise).
@@ -103,6 +109,7 @@ class KdSettings:
     teacher_export: str = "model"
     layers: str | list[str] = "int"
     switch_epochs: list[int] | None = None
+    stage_freeze_encoder: list[bool] | None = None
     reduction: str = "auto"
     pre_activation: bool = False
     init_from_teacher: bool = True
@@ -134,6 +141,11 @@ class KdSettings:
                 )
             if any(b <= a for a, b in zip([0, *self.switch_epochs], self.switch_epochs)):
                 raise ConfigError(f"method_settings.switch_epochs={self.switch_epochs}: expected increasing epochs >= 1")
+        if self.stage_freeze_encoder is not None and len(self.stage_freeze_encoder) != stages:
+            raise ConfigError(
+                f"method_settings.stage_freeze_encoder={self.stage_freeze_encoder}: layers={self.layers!r} has "
+                f"{stages} stage(s), so expected {stages} value(s)"
+            )
         if self.eps <= 0:
             raise ConfigError(f"method_settings.eps={self.eps}; expected > 0")
 
@@ -142,6 +154,13 @@ class KdSettings:
         if isinstance(self.layers, list):
             return [list(self.layers)]
         return [part.strip() for part in self.layers.split("+")] if "+" in self.layers else [self.layers]
+
+    def frozen_encoder_stages(self) -> list[bool]:
+        """Whether each stage freezes the encoder (``stage_freeze_encoder`` or the M&F default)."""
+        if self.stage_freeze_encoder is not None:
+            return list(self.stage_freeze_encoder)
+        specs = self.stage_specs()
+        return [False, True] if specs == ["mid", "fin"] else [False] * len(specs)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -248,6 +267,10 @@ class KnowledgeDistillation(Method):
     def report_cell(cls, table: dict[str, Any], run: dict[str, Any], runs: list[dict[str, Any]]) -> tuple[str, str] | None:
         return classify_run(run, runs)
 
+    @classmethod
+    def report_notes(cls, table: dict[str, Any], runs: list[dict[str, Any]]) -> list[str]:
+        return report_notes(runs)
+
     # -- set-up ------------------------------------------------------------------------------------
     def setup(self, context: MethodContext) -> None:
         self.context = context
@@ -290,6 +313,16 @@ class KnowledgeDistillation(Method):
         self.stage_layers = [layer_set(student, spec) for spec in self.stage_specs]
         shape = (student_channels, self.data.tile_size, self.data.tile_size)
         self.stage_reachable = [reachable_parameters(student, layers, shape, settings.pre_activation) for layers in self.stage_layers]
+        encoder_names = {f"encoder.{name}" for name, _ in student.encoder.named_parameters()}
+        self.stage_frozen_encoder = settings.frozen_encoder_stages()
+        for index, frozen in enumerate(self.stage_frozen_encoder):
+            if frozen:
+                self.stage_reachable[index] -= encoder_names
+                if not self.stage_reachable[index]:
+                    raise ConfigError(
+                        f"method_settings.stage_freeze_encoder: stage {index} ({self.stage_specs[index]!r}) only reaches "
+                        "encoder parameters; with the encoder frozen nothing would train"
+                    )
         self.stage_frozen_norms = [unreachable_norms(student, reachable) for reachable in self.stage_reachable]
         # Parameters no output depends on (smp keeps e.g. ResNet layer3/4 at encoder_depth 3) would
         # stall DDP's gradient reduction: take them out of training altogether.
@@ -308,7 +341,8 @@ class KnowledgeDistillation(Method):
         parts = []
         for index, layers in enumerate(self.stage_layers):
             until = f" until epoch {self.switch_epochs[index]}" if index < len(self.switch_epochs) else ""
-            parts.append(f"{layers}{until}")
+            frozen = " (encoder frozen)" if self.stage_frozen_encoder[index] else ""
+            parts.append(f"{layers}{frozen}{until}")
         return ", then ".join(parts)
 
     # -- stages ------------------------------------------------------------------------------------
