@@ -85,3 +85,19 @@ def test_every_shipped_experiment_config_builds():
     for path in configs:
         config = load_config(path)
         assert config.name and (config.phases or config.method)
+
+
+def test_a_global_batch_is_split_over_the_workers_and_must_divide():
+    from xmodal.data.prepared import DataSettings
+
+    glob = DataSettings(batch_size=32, batch_scope="global")
+    assert [glob.worker_batch_size(n) for n in (1, 2, 4)] == [32, 16, 8]
+    assert glob.describe_batch(2) == "batch 32 (global: 16 per worker x 2)"
+    per_worker = DataSettings(batch_size=8)
+    assert [per_worker.worker_batch_size(n) for n in (1, 4)] == [8, 8] and per_worker.describe_batch(4) == "batch 8 per worker"
+    config = build_config({"name": "x", "method": "supervised", "data": {"batch_size": 32, "batch_scope": "global"}, "scaling": {"num_workers": 4}})
+    assert config.data.worker_batch_size(config.scaling.num_workers) == 8
+    with pytest.raises(ConfigError, match="data.batch_size=32 with data.batch_scope=global does not divide over 3 workers"):
+        build_config({"name": "x", "method": "supervised", "data": {"batch_size": 32, "batch_scope": "global"}, "scaling": {"num_workers": 3}})
+    with pytest.raises(ConfigError, match="batch_scope='run'"):
+        build_config({"name": "x", "method": "supervised", "data": {"batch_scope": "run"}})

@@ -419,3 +419,18 @@ def test_the_sweep_console_line_counts_trials_and_keeps_the_best(monkeypatch):
     )
     line = progress.status("b", None, error="/d/sar.tif: cannot be read")  # at 130: 10 + 30 s of 2 x 30 s
     assert line == "[sweep s] trial b failed: /d/sar.tif: cannot be read | 2/3 ended (1 failed), 0 running; best val/loss 0.5000 (trial a); slots busy 67%"
+
+
+def test_a_seeds_only_grid_sweep_repeats_the_config_per_seed():
+    raw = sweep_dict()
+    raw["sweep"].pop("parameters", None)
+    raw["sweep"].update({"search": "grid", "seeds": [0, 1, 2]})
+    spec = load_sweep(raw)
+    assert spec.parameters == [] and spec.grid_points() == [{}]
+    _, space, samples = make_search(spec, max_concurrent=1)
+    assert space["point"]["grid_search"] == [{}] and space["seed"]["grid_search"] == [0, 1, 2] and samples == 1
+    assert [spec.build_trial({}, seed, f"t{seed}").train.seed for seed in (0, 1, 2)] == [0, 1, 2]
+    for search, seeds in (("grid", [0]), ("optuna", [0, 1])):  # one seed, or a search with nothing to search
+        raw["sweep"].update({"search": search, "seeds": seeds})
+        with pytest.raises(ConfigError, match="sweep.parameters must map"):
+            load_sweep(raw)

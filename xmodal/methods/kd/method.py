@@ -25,7 +25,9 @@ Choices the paper leaves open (all settings, see :class:`KdSettings`):
   positions and samples. ``sample``: per sample over the flattened (C x H x W) activation. A
   per-pixel cosine of a 1-channel map (binary logits, the ``fin`` layer) is ``sign(s) * sign(t)``:
   +-1 with zero gradient almost everywhere, so it cannot train anything. The default ``auto``
-  therefore uses ``sample`` for 1-channel maps and ``pixel`` otherwise.
+  therefore uses ``sample`` for 1-channel maps and ``pixel`` otherwise. A teacher trained with the
+  paper's two-channel softmax head (``binary_head: softmax`` of the supervised method, the kd
+  configs' default) has 2-channel logits, so ``fin`` is a per-pixel cosine over the classes.
 * First convolution. The student reads SAR (2 or 4 polarisations), the teacher optical (4 or 13
   bands): every weight whose shape matches is copied; a first convolution that differs only in
   input channels is adapted by :func:`~xmodal.models.factory.copy_matching_weights`
@@ -48,8 +50,9 @@ Choices the paper leaves open (all settings, see :class:`KdSettings`):
 * Pixels where either modality has no data are left out of the cosine (``ignore_invalid``), at
   the resolution of each layer (area share of valid input pixels >= 0.5).
 
-Paper settings: SGD lr 0.1, momentum 0.9, batch 32, 150 reconstruction epochs (300 for the
-baselines, 30 for finetuning). :mod:`xmodal.methods.kd.paper` holds the paper's Table 2 for ``xmodal report``.
+Paper settings: SGD lr 0.1, momentum 0.9, batch 32 (``data.batch_scope: global`` in the kd
+configs), 150 reconstruction epochs (300 for the baselines, 30 for finetuning); the supervised
+phases use binary cross-entropy on softmax predictions (``dice_weight: 0``). :mod:`xmodal.methods.kd.paper` holds the paper's Table 2 for ``xmodal report``.
 """
 
 from __future__ import annotations
