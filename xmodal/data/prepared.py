@@ -26,6 +26,13 @@ from xmodal.errors import ConfigError, DataError
 BATCH_SCOPES = ("worker", "global")
 
 
+def describe_batch(batch_size: int, batch_scope: str, world_size: int) -> str:
+    """A run's batch in words (run headers, reports), e.g. ``batch 32 (global: 16 per worker x 2)``."""
+    if batch_scope == "global":
+        return f"batch {batch_size} (global: {batch_size // world_size} per worker x {world_size})" if world_size > 1 else f"batch {batch_size}"
+    return f"batch {batch_size} per worker" if world_size > 1 else f"batch {batch_size}"
+
+
 @dataclass
 class DataSettings:
     """How a run reads its data (the ``data:`` section of a config).
@@ -104,9 +111,8 @@ class DataSettings:
 
     def describe_batch(self, world_size: int) -> str:
         """E.g. ``batch 32 (global: 16 per worker x 2)`` or ``batch 8 per worker``."""
-        if self.batch_scope == "global":
-            return f"batch {self.batch_size} (global: {self.worker_batch_size(world_size)} per worker x {world_size})"
-        return f"batch {self.batch_size} per worker" if world_size > 1 else f"batch {self.batch_size}"
+        self.worker_batch_size(world_size)  # refuses a global batch that does not divide
+        return describe_batch(self.batch_size, self.batch_scope, world_size)
 
     def load_options(self) -> LoadOptions:
         return LoadOptions(mask_layer=self.mask_layer, noisy_layer=self.noisy_layer)

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from xmodal.data.prepared import describe_batch
 from xmodal.methods.summaries import label_share, recorded_input
 
 PAPER_OPTIMISER = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "schedule": "constant"}
@@ -178,12 +179,9 @@ def _names(runs: list[dict[str, Any]], limit: int = 4) -> str:
 
 
 def _batch_text(data: dict[str, Any]) -> str:
-    size, scope, workers = data.get("batch_size"), data.get("batch_scope", "worker"), data.get("workers") or 1
-    if size is None:
+    if data.get("batch_size") is None:
         return "not recorded"
-    if scope == "global" or workers == 1:
-        return f"{size} per step" + (f" over {workers} workers" if workers > 1 else "")
-    return f"{size} per worker x {workers} workers = {size * workers} per step"
+    return describe_batch(data["batch_size"], data.get("batch_scope", "worker"), data.get("workers") or 1)
 
 
 def report_notes(runs: list[dict[str, Any]]) -> list[str]:
@@ -202,7 +200,7 @@ def report_notes(runs: list[dict[str, Any]]) -> list[str]:
     batches: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         batches.setdefault(_batch_text(run.get("data") or {}), []).append(run)
-    notes.append("Batch of these runs (paper: 32): " + "; ".join(f"{text} ({len(group)} run(s))" for text, group in batches.items()) + ".")
+    notes.append(f"Batch of these runs (paper: {PAPER_BATCH}): " + "; ".join(f"{text} ({len(group)} run(s))" for text, group in batches.items()) + ".")
     optimisers: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         train = run.get("train") or {}
