@@ -202,18 +202,48 @@ def test_cached_handles_survive_a_fork(v2_root: Path) -> None:
     assert _load(manifest, manifest.records[0]).sar.shape == (8, 32, 32)  # parent handles still usable
 
 
-def test_v4_geolocation_gives_crs_and_footprints(tmp_path: Path) -> None:
-    root = make_so2sat(tmp_path / "v4", "4")
+@pytest.mark.parametrize(("release", "source"), [("2025-11", "coord"), ("re-release", "tfw (world-file order)")])
+def test_v4_geolocation_gives_crs_and_footprints(tmp_path: Path, release: str, source: str) -> None:
+    root = make_so2sat(tmp_path / "v4", "4", geo_release=release)
     manifest = So2SatReader.index(root).manifest
     assert manifest.info.extra["version"] == "4"
     first = manifest.records[0]
     assert first["crs"] == "EPSG:32632"
     bounds = (first["left"], first["bottom"], first["right"], first["top"])
-    assert bounds == (400_000.0, 5_299_680.0, 400_320.0, 5_300_000.0)  # 32 px of 10 m from the tfw corner
+    assert bounds == (400_000.0, 5_299_680.0, 400_320.0, 5_300_000.0)  # 32 px of 10 m from the corner
+    assert all(r["right"] - r["left"] == r["top"] - r["bottom"] == 320.0 for r in manifest.records)
     assert {r["crs"] for r in manifest.split("test")} == {"EPSG:32633"}
+    assert manifest.info.extra["geolocation"] == {f"{stem}_geo.h5": source for stem in ROWS}
     check_no_leakage(manifest.records)
     plain = So2SatReader.index(root, version="2").manifest
     assert plain.records[0]["crs"] == ""
+
+
+def test_gdal_order_tfw_is_read_without_coord(tmp_path: Path) -> None:
+    """Nov-2025 tfw rows are (x0, 10, 0, y0, 0, 10), not a world file: never a 4,000 km patch."""
+    root = make_so2sat(tmp_path / "v4", "4", geo_release="2025-11")
+    with_coord = So2SatReader.index(root).manifest
+    for stem in ROWS:
+        with h5py.File(root / f"{stem}_geo.h5", "r+") as handle:
+            del handle["coord"]
+    from_tfw = So2SatReader.index(root).manifest
+    sides = ("left", "bottom", "right", "top")
+    assert [from_tfw.records[0][k] for k in sides] == [400_000.0, 5_299_680.0, 400_320.0, 5_300_000.0]
+    assert [[r[k] for k in sides] for r in from_tfw.records] == [[r[k] for k in sides] for r in with_coord.records]
+    assert from_tfw.info.extra["geolocation"]["training_geo.h5"] == "tfw (GDAL order)"
+    # A row of the official notebook's output: coord (the centre) is the tfw origin + 160 m east, - 160 m north.
+    row = np.array([[550335.858, 10.0, 0.0, 4183214.43, 0.0, 10.0]])
+    left, top, x_size, y_size, orders = so2sat_module.tfw_corners(row, Path("validation_geo.h5"))
+    assert orders == ["gdal"] and (x_size[0], y_size[0]) == (10.0, 10.0)
+    assert left[0] + 160.0 == pytest.approx(550495.858) and top[0] - 160.0 == pytest.approx(4183054.43)
+
+
+def test_tfw_rows_fitting_neither_order_are_refused(tmp_path: Path) -> None:
+    root = make_so2sat(tmp_path / "v4", "4", geo_release="re-release")
+    with h5py.File(root / "training_geo.h5", "r+") as handle:
+        handle["tfw"][2] = [10.0, 3.0, 0.0, -10.0, 400_000.0, 5_300_000.0]  # rotation D in a world file
+    with pytest.raises(DataError, match=r"training_geo\.h5: 'tfw' row 2 .*neither GDAL geotransform order"):
+        So2SatReader.index(root)
 
 
 def test_the_cached_index_of_a_raw_folder_is_keyed_by_its_reader_options(tmp_path: Path):

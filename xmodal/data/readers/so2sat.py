@@ -28,7 +28,10 @@ Conventions this reader applies:
   rows into val (a random carve: neighbouring patches then sit on both sides).
 * There is no per-pixel label layer. Without v4 geolocation, patches have no CRS (``crs=""``) and
   placeholder bounds (0, 0, 32, 32), which the leakage check ignores; with ``*_geo.h5`` beside a
-  split file, each patch gets its UTM CRS and footprint.
+  split file, each patch gets its UTM CRS and footprint: from ``coord`` (the patch centre) where the
+  file has it, else from ``tfw``, whose order differs between releases (GDAL geotransform order in
+  the Nov-2025 files, world-file order in the re-release without ``coord``) and is told from the
+  values (:func:`tfw_corners`). ``DatasetInfo.extra["geolocation"]`` names the source per file.
 * Non-finite values become NaN and are flagged invalid in ``sar_valid`` / ``optical_valid``.
 """
 
@@ -180,8 +183,62 @@ def check_split_file(handle: h5py.File, path: Path) -> int:
     return counts[SEN1_KEY]
 
 
-def _read_geo(path: Path, rows: int) -> tuple[list[str], np.ndarray]:
-    """CRS and (left, bottom, right, top) of every patch from a v4 ``*_geo.h5`` file."""
+# Tolerances of the tfw order check: pixel sizes within 1 % of 10 m, rotation terms below 1e-6.
+_PIXEL_RTOL, _ROTATION_ATOL = 0.01, 1e-6
+
+
+def tfw_corners(tfw: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Upper-left corner and pixel sizes of every patch from its six ``tfw`` values, in either order.
+
+    Two orders occur in the v4 files, told apart per row by the values:
+
+    * GDAL geotransform order (the Nov-2025 ``*_geo.h5``): ``(x0, 10, 0, y0, 0, 10)``, ``(x0, y0)``
+      the patch's upper-left corner and the y size positive; the official notebook reads it as
+      ``from_origin(tfw[0], tfw[3], tfw[1], tfw[5])``. Recognised by ``|row[1]| == 10``.
+    * World-file order (the later re-release): ``(A, D, B, E, C, F)``: x size, row rotation D (about
+      0), column rotation B, y size, then C/F. In a real world file C/F is the centre of the
+      upper-left pixel (what this reader assumed before); the re-release writes the upper-left
+      *corner* there (its ``save_geotiff.py`` puts C/F into the affine's corner terms), and that is
+      how it is read here.
+
+    Pixel sizes are taken by magnitude: the corner is the north-west one in both orders.
+
+    Returns:
+        ``left``, ``top``, x size, y size (N each) and the order of each row (``"gdal"`` / ``"world"``).
+
+    Raises:
+        DataError: A row that fits neither order (naming the file, the row and its values).
+    """
+    def is_pixel(values: np.ndarray) -> np.ndarray:
+        return np.isclose(np.abs(values), PIXEL_SIZE, rtol=_PIXEL_RTOL, atol=0.0)
+
+    def is_zero(values: np.ndarray) -> np.ndarray:
+        return np.abs(values) <= _ROTATION_ATOL
+
+    gdal = is_pixel(tfw[:, 1]) & is_pixel(tfw[:, 5]) & is_zero(tfw[:, 2]) & is_zero(tfw[:, 4])
+    world = is_pixel(tfw[:, 0]) & is_pixel(tfw[:, 3]) & is_zero(tfw[:, 1]) & is_zero(tfw[:, 2])
+    bad = np.flatnonzero(~(gdal | world) | ~np.isfinite(tfw).all(axis=1))
+    if bad.size:
+        row = int(bad[0])
+        raise DataError(
+            f"{path}: 'tfw' row {row} {tfw[row].tolist()} fits neither GDAL geotransform order "
+            f"(x0, {PIXEL_SIZE:g}, 0, y0, 0, {PIXEL_SIZE:g}) nor world-file order "
+            f"({PIXEL_SIZE:g}, 0, 0, -{PIXEL_SIZE:g}, x0, y0) ({bad.size} such row(s))"
+        )
+    left = np.where(gdal, tfw[:, 0], tfw[:, 4])
+    top = np.where(gdal, tfw[:, 3], tfw[:, 5])
+    x_size = np.abs(np.where(gdal, tfw[:, 1], tfw[:, 0]))
+    y_size = np.abs(np.where(gdal, tfw[:, 5], tfw[:, 3]))
+    return left, top, x_size, y_size, ["gdal" if g else "world" for g in gdal]
+
+
+def _read_geo(path: Path, rows: int) -> tuple[list[str], np.ndarray, str]:
+    """CRS and (left, bottom, right, top) of every patch from a v4 ``*_geo.h5`` file.
+
+    ``coord`` (patch centres, x and y in its first two columns) is used where present; ``tfw``
+    otherwise (see :func:`tfw_corners`). The third value says which: ``"coord"``,
+    ``"tfw (GDAL order)"``, ``"tfw (world-file order)"`` or ``"tfw (mixed orders)"``.
+    """
     with _open_h5(path) as handle:
         if "epsg" not in handle or ("tfw" not in handle and "coord" not in handle):
             raise DataError(
@@ -194,24 +251,25 @@ def _read_geo(path: Path, rows: int) -> tuple[list[str], np.ndarray]:
             raise DataError(f"{path}: dataset 'epsg' has {epsg.size} entries for {rows} patches")
         codes = [int(float(c.decode() if isinstance(c, bytes) else c)) for c in epsg]
         extent = PATCH_SIZE * PIXEL_SIZE
-        if "tfw" in handle:
-            if handle["tfw"].size != rows * 6:
-                raise DataError(f"{path}: dataset 'tfw' has shape {handle['tfw'].shape}, expected {rows} x 6")
-            tfw = np.asarray(handle["tfw"][()], dtype=np.float64).reshape(rows, 6)
-            # World-file order: x size, row rotation, column rotation, y size (negative), x and y of
-            # the upper-left pixel's centre.
-            x_size, y_size, x_centre, y_centre = tfw[:, 0], tfw[:, 3], tfw[:, 4], tfw[:, 5]
-            left, top = x_centre - x_size / 2, y_centre - y_size / 2
-            right, bottom = left + PATCH_SIZE * x_size, top + PATCH_SIZE * y_size
-        else:  # patch centres: x and y in the first two columns
-            if handle["coord"].shape[0] != rows:
-                raise DataError(f"{path}: dataset 'coord' has shape {handle['coord'].shape} for {rows} patches")
+        if "coord" in handle:  # patch centres: x and y in the first two columns
+            if handle["coord"].shape[0] != rows or handle["coord"].size < 2 * rows:
+                raise DataError(
+                    f"{path}: dataset 'coord' has shape {handle['coord'].shape}, expected {rows} x (2 or more)"
+                )
             coord = np.asarray(handle["coord"][()], dtype=np.float64).reshape(rows, -1)
             left, bottom = coord[:, 0] - extent / 2, coord[:, 1] - extent / 2
             right, top = left + extent, bottom + extent
-    xs, ys = np.sort(np.stack([left, right]), axis=0), np.sort(np.stack([bottom, top]), axis=0)
-    bounds = np.stack([xs[0], ys[0], xs[1], ys[1]], axis=1)
-    return [f"EPSG:{code}" for code in codes], bounds
+            source = "coord"
+        else:
+            if handle["tfw"].size != rows * 6:
+                raise DataError(f"{path}: dataset 'tfw' has shape {handle['tfw'].shape}, expected {rows} x 6")
+            tfw = np.asarray(handle["tfw"][()], dtype=np.float64).reshape(rows, 6)
+            left, top, x_size, y_size, orders = tfw_corners(tfw, path)
+            right, bottom = left + PATCH_SIZE * x_size, top - PATCH_SIZE * y_size
+            names = {"gdal": "GDAL order", "world": "world-file order"}
+            source = f"tfw ({names[orders[0]]})" if len(set(orders)) == 1 else "tfw (mixed orders)"
+    bounds = np.stack([left, bottom, right, top], axis=1)
+    return [f"EPSG:{code}" for code in codes], bounds, source
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +384,7 @@ class So2SatReader(Reader):
 
         records: list[dict[str, Any]] = []
         skipped: list[Skipped] = []
-        geolocated: list[str] = []
+        geolocated: dict[str, str] = {}
         for relative, split in files.items():
             path = root / relative
             if not path.is_file():
@@ -340,8 +398,7 @@ class So2SatReader(Reader):
             geo_path = path.with_name(f"{path.stem}_geo.h5")
             crs_list, bounds = (None, None)
             if version == "4" and geo_path.is_file():
-                crs_list, bounds = _read_geo(geo_path, rows)
-                geolocated.append(geo_path.name)
+                crs_list, bounds, geolocated[geo_path.name] = _read_geo(geo_path, rows)
             carve = rng.random(rows) < val_fraction if split == "train" and val_fraction else np.zeros(rows, dtype=bool)
             stem = Path(relative).stem
             id_prefix = f"{variant}_" if variant else ""
