@@ -48,6 +48,19 @@ def test_index_a_real_layout(tmp_path: Path, capsys):
     assert code == 0 and "sen12ms:" in out and (tmp_path / "prepared" / "manifest.parquet").is_file()
 
 
+def test_inspect_takes_the_reader_options_of_index(tmp_path: Path, capsys):
+    from fixtures.spacenet6 import make_spacenet6
+
+    root = str(make_spacenet6(tmp_path / "sn6"))
+    code, out, err = run(["data", "inspect", root, "--reader", "spacenet6", "--option", "optical_product=PS-RGB", "--max-tiles", "2", "--json"], capsys)
+    report = json.loads(out) if code == 0 else {}
+    assert code == 0 and report["extra"]["optical_product"] == "PS-RGB" and len(report["modalities"]["optical"]["bands"]) == 3, err
+    code, _, err = run(["data", "inspect", root, "--option", "optical=PS-RGB"], capsys)
+    assert code == 2 and "unknown index option(s) ['optical']" in err
+    code, _, err = run(["data", "inspect", root, "--reader", "nope"], capsys)
+    assert code == 2 and "reader 'nope' is not a known reader" in err
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

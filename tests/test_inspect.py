@@ -65,6 +65,22 @@ def test_inspect_details_of_sentinel_readers(roots: dict[str, Path]) -> None:
     assert len(l2a["modalities"]["optical"]["bands"]) == 12
 
 
+def test_inspect_shows_spacenet6_public_test_tiles_apart(roots: dict[str, Path]) -> None:
+    report = inspect_dataset(roots["spacenet6"])
+    # The SAR-only public test tiles (no labels, no optical) are never scored as test.
+    assert report["splits"] == {"train": 3, "val": 1, "test": 2, "unassigned": 3}
+    assert report["unassigned"] == {"straddling": 1, "test_public": 2}
+    assert "unassigned 3 [straddling 1, test_public 2]" in format_inspection(report)
+    assert inspect_dataset(roots["so2sat"], max_tiles=1)["unassigned"] == {}
+
+
+def test_inspect_a_partial_spacenet6_download_without_options(tmp_path: Path) -> None:
+    report = inspect_dataset(make_spacenet6(tmp_path / "sn6", optical_products=("PS-RGB",)), max_tiles=3)
+    assert report["extra"]["optical_product"] == "PS-RGB" and not report["load_errors"]
+    assert [b["name"] for b in report["modalities"]["optical"]["bands"]] == ["R", "G", "B"]
+    assert "Note:     optical product PS-RGB: no PS-RGBNIR tiles" in format_inspection(report)
+
+
 def test_inspect_native_layout(hand_dataset) -> None:
     report = inspect_dataset(hand_dataset.folder)
     _check_report(report, "xmodal")

@@ -170,17 +170,22 @@ def test_split_is_geographic_without_leakage(indexed) -> None:
         assert chosen, split
         spans[split] = (min(r["left"] for r in chosen), max(r["right"] for r in chosen))
     assert spans["train"][1] <= spans["val"][0] and spans["val"][1] <= spans["test"][0]
-    assert _record(indexed.manifest, 104)["split"] == "unassigned"  # reaches from band 2 into band 3
-    assert indexed.manifest.info.extra["split"]["unassigned"] == 1
+    straddling = _record(indexed.manifest, 104)  # reaches from band 2 into band 3
+    assert straddling["split"] == "unassigned" and record_extra(straddling)["unassigned_reason"] == "straddling"
+    assert indexed.manifest.info.extra["split"]["unassigned"] == {"straddling": 1, "test_public": 2}
     kept = SpaceNet6Reader.index(indexed.manifest.data_root, exclude_straddling=False)
     assert _record(kept.manifest, 104)["split"] == "train"
     with pytest.raises(ConfigError, match="both val and test"):
         SpaceNet6Reader.index(indexed.manifest.data_root, val_bands=(4,), test_bands=(4,))
 
 
-def test_public_test_tiles_are_sar_only(indexed) -> None:
+def test_public_test_tiles_are_sar_only_and_never_scored(indexed) -> None:
     public = [r for r in indexed.manifest.records if record_extra(r)["subset"] == "test_public"]
-    assert len(public) == 2 and all(r["split"] == "test" and r["optical_path"] == "" for r in public)
+    assert len(public) == 2 and all(r["optical_path"] == "" for r in public)
+    # No labels and zero optical: out of train, val and test, flagged apart from straddling tiles.
+    assert all(r["split"] == "unassigned" and record_extra(r)["unassigned_reason"] == "test_public" for r in public)
+    for split in ("train", "val", "test"):
+        assert all(r["optical_path"] and json.loads(r["layers"]) for r in indexed.manifest.split(split)), split
     sample = _load(indexed, public[0])
     assert sample.optical.shape == (4, TILE_PX, TILE_PX) and not sample.optical.any()
     assert not sample.optical_valid.any() and sample.sar_valid.all()
@@ -194,6 +199,38 @@ def test_missing_optical_is_skipped_with_reason(fresh_root: Path) -> None:
     assert [s.item for s in result.skipped] == [tile_name("train", "SAR-Intensity", tile)]
     assert "PS-RGBNIR" in result.skipped[0].reason and "not found" in result.skipped[0].reason
     assert all(record_extra(r)["tile"] != 102 for r in result.manifest.records)
+
+
+def test_partial_optical_download_uses_a_product_that_exists(tmp_path: Path) -> None:
+    root = make_spacenet6(tmp_path / "ps-rgb", optical_products=("PS-RGB",))
+    result = SpaceNet6Reader.index(root)  # no options: PS-RGBNIR is absent, PS-RGB stands in
+    info = result.manifest.info
+    assert result.skipped == [] and info.extra["optical_product"] == "PS-RGB" and info.optical_bands.names == ["R", "G", "B"]
+    assert "PS-RGB" in info.extra["notes"][0] and "no PS-RGBNIR tiles" in info.extra["notes"][0]
+    assert _load(result, _record(result.manifest, 101)).optical.shape == (3, TILE_PX, TILE_PX)
+    assert SpaceNet6Reader.index(make_spacenet6(tmp_path / "full")).manifest.info.extra["notes"] == []
+    with pytest.raises(DataError, match=r"PS-RGBNIR.*present: PS-RGB"):  # asked for, absent
+        SpaceNet6Reader.index(root, optical_product="PS-RGBNIR")
+    shutil.rmtree(root / AOI_DIR / "PS-RGB")
+    with pytest.raises(DataError, match=r"no SpaceNet 6 optical tiles in .*PS-RGBNIR, .*PS-RGB, .*RGBNIR"):
+        SpaceNet6Reader.index(root)
+
+
+def test_geojson_without_crs_must_hold_lonlat(fresh_root: Path) -> None:
+    result = SpaceNet6Reader.index(fresh_root)
+    record = _record(result.manifest, 101)
+    path = result.manifest.data_root / json.loads(record["layers"])["buildings"]
+    expected = _load(result, record).mask
+    collection = json.loads(path.read_text())
+    del collection["crs"]  # RFC 7946: lon/lat
+    path.write_text(json.dumps(collection))
+    np.testing.assert_array_equal(_load(result, record).mask, expected)
+    tile = next(t for t in TRAIN_TILES if t.number == 101)
+    ring = [[tile.left + x, tile.top - y, 0.0] for x, y in ((5, 4), (11, 4), (11, 8), (5, 8), (5, 4))]  # UTM metres
+    collection["features"][0]["geometry"]["coordinates"] = [ring]
+    path.write_text(json.dumps(collection))
+    with pytest.raises(DataError, match=rf"{path.name}: has no 'crs' member.*not lon/lat"):
+        _load(result, record)
 
 
 def test_truncated_sar_raises_naming_the_file(fresh_root: Path) -> None:

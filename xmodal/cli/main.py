@@ -97,7 +97,7 @@ def cmd_data_pack(args: argparse.Namespace) -> None:
 def cmd_data_inspect(args: argparse.Namespace) -> None:
     from xmodal.data.inspect import format_inspection, inspect_dataset
 
-    report = inspect_dataset(args.path, max_tiles=args.max_tiles)
+    report = inspect_dataset(args.path, max_tiles=args.max_tiles, reader_name=args.reader, **_key_values(args.option))
     print(json.dumps(report, indent=2, default=str) if args.json else format_inspection(report))
 
 
@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path")
     inspect.add_argument("--max-tiles", type=int, default=50)
     inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("--reader", help="reader name (default: detect)")
+    inspect.add_argument("--option", nargs="*", default=[], metavar="KEY=VALUE", help="reader options, as for data index")
     inspect.set_defaults(func=cmd_data_inspect)
 
     run = commands.add_parser(

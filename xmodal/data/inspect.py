@@ -7,7 +7,8 @@ registered reader without knowing any format. :func:`format_inspection` renders 
 
     {
       "path", "reader", "description", "layout", "dataset", "data_root",
-      "num_pairs", "splits": {split: count}, "num_regions", "tile_size", "pixel_size",
+      "num_pairs", "splits": {split: count}, "unassigned": {reason: count},
+      "num_regions", "tile_size", "pixel_size",
       "modalities": {"sar" | "optical": {"bands": [{"name", "unit", "min", "max", "mean", "std",
                                                      "nodata_fraction"}], "invalid_fraction"}},
       "layers": {name: {"classes", "histogram": {class: pixels}, "unknown_pixels", "tiles_with_layer",
@@ -17,6 +18,11 @@ registered reader without knowing any format. :func:`format_inspection` renders 
       "skipped": {"count", "items": [{"item", "reason"}]},
       "extra": DatasetInfo.extra,
     }
+
+``unassigned`` counts the unassigned pairs by the reason their reader gives in the record's
+``extra["unassigned_reason"]`` (SpaceNet 6: ``straddling`` tiles, SAR-only ``test_public`` tiles);
+empty when no reader says. ``DatasetInfo.extra["notes"]`` (a reader's remarks on how it read the
+folder, such as a stand-in optical product) are printed by :func:`format_inspection`.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from xmodal.data.manifest import SPLITS, DatasetInfo, record_layers, spread
-from xmodal.data.readers.base import LoadOptions, Reader, detect_reader
+from xmodal.data.manifest import SPLITS, DatasetInfo, record_extra, record_layers, spread
+from xmodal.data.readers.base import LoadOptions, Reader, detect_reader, get_reader
 from xmodal.data.sample import PairedSample
 from xmodal.errors import XmodalError
 
@@ -111,22 +117,26 @@ def _load_all_layers(
     return sample, labels
 
 
-def inspect_dataset(path: str | Path, max_tiles: int = 50, **index_options: Any) -> dict[str, Any]:
+def inspect_dataset(
+    path: str | Path, max_tiles: int = 50, reader_name: str | None = None, **index_options: Any
+) -> dict[str, Any]:
     """Recognise, index and summarise the dataset in ``path``.
 
     Args:
         path: A dataset folder in any layout a registered reader knows.
         max_tiles: Samples loaded for value ranges, no-data shares and class histograms.
+        reader_name: The registered reader to use (as ``xmodal data index --reader``); default: detect.
         **index_options: Passed to the reader's ``index`` (``optical_product``, ``protocol``, ...).
 
     Returns:
         The report described in the module docstring.
 
     Raises:
-        DataError: No reader (or several) recognises the folder, or indexing fails.
+        DataError: An unknown reader, no reader (or several) recognises the folder, or indexing fails.
+        ConfigError: An index option the reader does not know.
     """
     root = Path(path)
-    reader = detect_reader(root)
+    reader = get_reader(reader_name) if reader_name else detect_reader(root)
     result = reader.index(root, **index_options)
     manifest = result.manifest
     info = manifest.info
@@ -158,6 +168,8 @@ def inspect_dataset(path: str | Path, max_tiles: int = 50, **index_options: Any)
             unknown[name] += outside
 
     split_counts = Counter(r["split"] for r in records)
+    reasons = (record_extra(r).get("unassigned_reason") for r in records if r["split"] == "unassigned")
+    unassigned = Counter(str(reason) for reason in reasons if reason)
     layers_report = {}
     for name, layer in info.layers.items():
         layers_report[name] = {
@@ -178,6 +190,7 @@ def inspect_dataset(path: str | Path, max_tiles: int = 50, **index_options: Any)
         "data_root": str(data_root),
         "num_pairs": len(records),
         "splits": {split: split_counts[split] for split in SPLITS if split_counts[split]},
+        "unassigned": dict(sorted(unassigned.items())),
         "num_regions": len({r["region"] for r in records}),
         "tile_size": info.tile_size,
         "pixel_size": info.pixel_size,
@@ -208,6 +221,8 @@ def _number(value: float | None) -> str:
 def format_inspection(report: dict[str, Any]) -> str:
     """A human-readable rendering of :func:`inspect_dataset`'s report."""
     splits = ", ".join(f"{split} {count}" for split, count in report["splits"].items()) or "none"
+    if report["unassigned"]:
+        splits += " [" + ", ".join(f"{reason} {n}" for reason, n in report["unassigned"].items()) + "]"
     lines = [
         f"Layout:   {report['reader']} - {report['description']}",
         f"Folder:   {report['path']}",
@@ -215,6 +230,7 @@ def format_inspection(report: dict[str, Any]) -> str:
         f"Pairs:    {report['num_pairs']} ({splits}); {report['num_regions']} region(s)",
         f"Tiles:    {report['tile_size']} px at {report['pixel_size']} m",
     ]
+    lines += [f"Note:     {note}" for note in (report["extra"] or {}).get("notes", [])]
     for modality, title in (("sar", "SAR"), ("optical", "Optical")):
         block = report["modalities"][modality]
         invalid = block["invalid_fraction"]

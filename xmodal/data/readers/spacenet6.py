@@ -20,7 +20,8 @@ Conventions this reader applies:
   not calibrated sigma0 dB: its unit is ``log_intensity``. Optical products are digital numbers.
 * No-data is 0 in every product (edge tiles) and NaN in some SAR tiles: a pixel whose bands are all
   0, or any of them NaN, becomes NaN in every band and False in ``sar_valid`` / ``optical_valid``.
-* Buildings are GeoJSON polygons (EPSG:4326 unless the file's ``crs`` member says otherwise),
+* Buildings are GeoJSON polygons (EPSG:4326 unless the file's ``crs`` member says otherwise; a file
+  without one must hold lon/lat, |x| <= 180 and |y| <= 90, as RFC 7946 says, or it is refused),
   reprojected to the SAR CRS and burnt onto the SAR grid at pixel centres: layer ``buildings``,
   0 = background, 1 = building, 255 where the SAR is no-data. Empty files (no features, or zero
   bytes) are all background. Pixels where only the optical is no-data keep their label: the labels
@@ -33,7 +34,12 @@ Conventions this reader applies:
   596,250 in 5 bands of 940 m) assigned by each tile's left easting; by default band 4 (east) is
   test and band 3 is val. A tile whose footprint reaches into a band of another split would overlap
   that split's tiles on the ground, so it is left ``unassigned``. The public test tiles
-  (``test_public``, SAR only, no labels) are added to ``test``.
+  (``test_public``: SAR only, no labels, no optical) are ``unassigned`` too, never ``test``: nothing
+  can be scored on them. ``extra["unassigned_reason"]`` of a record tells the two apart
+  (``"straddling"`` / ``"test_public"``), and ``DatasetInfo.extra["split"]["unassigned"]`` counts each.
+* The optical product is the one asked for (``optical_product``); without that option, the first
+  product of :data:`OPTICAL_PREFERENCE` whose folder holds tiles (a download may hold PS-RGB
+  alone), named in ``DatasetInfo.extra["optical_product"]`` and in a note.
 * ``RGBNIR`` (2 m, 450 px) is resampled onto the 0.5 m SAR grid on load (bilinear by default,
   no-data excluded from the kernel); the other products share the SAR grid exactly.
 """
@@ -44,6 +50,7 @@ import bisect
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +108,11 @@ OPTICAL_PRODUCTS: dict[str, OpticalProduct] = {
     "RGBNIR": OpticalProduct(("R", "G", "B", "NIR"), 2.0, "uint16"),
 }
 DEFAULT_OPTICAL_PRODUCT = "PS-RGBNIR"
+# Products tried in turn when none is asked for: PS-RGBNIR (4 bands on the SAR grid), PS-RGB (the
+# same grid, 3 bands), RGBNIR (4 bands, but 2 m: resampled onto the SAR grid on load).
+OPTICAL_PREFERENCE = ("PS-RGBNIR", "PS-RGB", "RGBNIR")
+# Why a tile is ``unassigned`` (record ``extra["unassigned_reason"]``).
+STRADDLING, TEST_PUBLIC = "straddling", "test_public"
 
 # The official baseline's validation groups: 5 bands between UTM eastings 592,000 - 450 and
 # 596,700 - 450 (EPSG:32631), a tile belonging to the band holding its left edge.
@@ -152,6 +164,32 @@ def _scan(folder: Path, product: str, suffix: str) -> dict[TileKey, Path]:
         if parsed is not None and parsed[1] == product and entry.name.endswith(suffix):
             found[parsed[2]] = Path(entry.path)
     return found
+
+
+def choose_optical_product(train_aoi: Path, requested: str | None) -> tuple[str, dict[TileKey, Path], str | None]:
+    """The optical product to pair with, its tiles by key, and a note when it stands in for another.
+
+    Args:
+        train_aoi: The train ``AOI_11_Rotterdam`` folder.
+        requested: The product asked for, or ``None``: then the first of :data:`OPTICAL_PREFERENCE`
+            (PS-RGBNIR, PS-RGB, RGBNIR) whose folder holds tiles.
+
+    Raises:
+        DataError: No tiles in the folder(s) looked for (naming them and the products present).
+    """
+    candidates = [requested] if requested else list(OPTICAL_PREFERENCE)
+    for name in candidates:
+        tiles = _scan(train_aoi / name, name, ".tif")
+        if tiles:
+            if name == candidates[0]:
+                return name, tiles, None
+            absent = ", ".join(candidates[: candidates.index(name)])
+            note = f"optical product {name}: no {absent} tiles in {train_aoi}; first present of {', '.join(candidates)}"
+            return name, tiles, note
+    looked = ", ".join(str(train_aoi / name) for name in candidates)
+    present = [name for name in OPTICAL_PRODUCTS if name not in candidates and _scan(train_aoi / name, name, ".tif")]
+    also = f"; present: {', '.join(present)} (optical_product=...)" if present else ""
+    raise DataError(f"{train_aoi}: no SpaceNet 6 optical tiles in {looked}{also}")
 
 
 def _has_sar_tiles(aoi: Path) -> bool:
@@ -245,10 +283,22 @@ def mask_nodata(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return data, ~invalid
 
 
-def _vector_crs(collection: Mapping[str, Any], path: Path) -> CRS:
-    """CRS named by a GeoJSON's (pre-RFC 7946) ``crs`` member; EPSG:4326 lon/lat otherwise."""
+def _vector_crs(collection: Mapping[str, Any], path: Path, geometries: Sequence[Mapping[str, Any]]) -> CRS:
+    """CRS named by a GeoJSON's (pre-RFC 7946) ``crs`` member; EPSG:4326 lon/lat otherwise.
+
+    Raises:
+        DataError: No ``crs`` member but ``geometries`` (z dropped) reach beyond lon/lat
+            (|x| > 180 or |y| > 90: projected metres, say), or a ``crs`` member that names no CRS.
+    """
     member = collection.get("crs")
     if not member:
+        xy = np.asarray([pair for geometry in geometries for pair in _pairs(geometry["coordinates"])], dtype=np.float64)
+        if xy.size and not ((np.abs(xy[:, 0]) <= 180.0) & (np.abs(xy[:, 1]) <= 90.0)).all():
+            raise DataError(
+                f"{path}: has no 'crs' member, so RFC 7946 lon/lat (EPSG:4326) applies, but its coordinates are "
+                f"not lon/lat (x {xy[:, 0].min():.6g} to {xy[:, 0].max():.6g}, y {xy[:, 1].min():.6g} to "
+                f"{xy[:, 1].max():.6g}; expected |x| <= 180, |y| <= 90); add a 'crs' member naming their CRS"
+            )
         return CRS.from_epsg(4326)
     name = (member.get("properties") or {}).get("name") if isinstance(member, Mapping) else None
     if not name:
@@ -257,6 +307,13 @@ def _vector_crs(collection: Mapping[str, Any], path: Path) -> CRS:
         return CRS.from_user_input(name)
     except CRSError as exc:
         raise DataError(f"{path}: unknown CRS {name!r} ({exc})") from exc
+
+
+def _pairs(coordinates: Any) -> list[list[float]]:
+    """Every position of nested GeoJSON coordinates, flattened."""
+    if coordinates and isinstance(coordinates[0], (int, float)):
+        return [coordinates]
+    return [pair for part in coordinates for pair in _pairs(part)]
 
 
 def _drop_z(coordinates: Any) -> Any:
@@ -290,15 +347,15 @@ def rasterize_buildings(path: Path, grid: RasterGrid) -> np.ndarray:
     geometries = [g for g in geometries if g and g.get("type") in ("Polygon", "MultiPolygon")]
     if not geometries:
         return np.zeros((grid.height, grid.width), dtype=np.int64)
-    source_crs = _vector_crs(collection, path)
+    flats = [{"type": geometry["type"], "coordinates": _drop_z(geometry["coordinates"])} for geometry in geometries]
+    source_crs = _vector_crs(collection, path, flats)
     target_crs = CRS.from_user_input(grid.crs)
     shapes = []
-    for geometry in geometries:
-        flat = {"type": geometry["type"], "coordinates": _drop_z(geometry["coordinates"])}
+    for flat in flats:
         try:
             shapes.append((transform_geom(source_crs, target_crs, flat), 1))
         except Exception as exc:  # GDAL/PROJ raise several types for broken geometries
-            raise DataError(f"{path}: cannot reproject a {geometry['type']} to {grid.crs} ({exc})") from exc
+            raise DataError(f"{path}: cannot reproject a {flat['type']} to {grid.crs} ({exc})") from exc
     burnt = rasterize(
         shapes, out_shape=(grid.height, grid.width), transform=Affine(*grid.transform), fill=0, dtype="uint8"
     )
@@ -399,28 +456,30 @@ class SpaceNet6Reader(Reader):
         Args:
             root: Dataset folder (see the module docstring).
             **options:
-                optical_product: ``"PS-RGBNIR"`` (default), ``"PS-RGB"`` or ``"RGBNIR"``.
+                optical_product: ``"PS-RGBNIR"``, ``"PS-RGB"`` or ``"RGBNIR"``; default: the first
+                    of :data:`OPTICAL_PREFERENCE` present (PS-RGBNIR, then PS-RGB, then RGBNIR).
                 orientations_file: Path of ``SAR_orientations.txt``; default: searched under ``root``.
                 rotate: Rotate orientation-1 tiles by 180 degrees on load (default True).
                 easting_edges: Band edges in UTM metres (default :data:`DEFAULT_EASTING_EDGES`).
                 val_bands / test_bands: Band indices held out (default ``(3,)`` / ``(4,)``).
                 exclude_straddling: Leave tiles reaching into another split's band ``unassigned``
                     (default True; False reproduces the baseline's slightly overlapping groups).
-                include_test_public: Add the SAR-only public test tiles to ``test`` (default True).
+                include_test_public: Index the SAR-only public test tiles, as ``unassigned``
+                    (default True).
                 optical_resampling: Resampling of RGBNIR onto the SAR grid (default ``"bilinear"``).
 
         Raises:
             ConfigError: An unknown option or an invalid value.
-            DataError: No SAR tiles under ``root``, or an unreadable orientations file.
+            DataError: No SAR tiles under ``root``, no tiles of the optical product asked for (or
+                of any, when none is), or an unreadable orientations file.
         """
         unknown = set(options) - _INDEX_OPTIONS
         if unknown:
             raise ConfigError(f"spacenet6: unknown index option(s) {sorted(unknown)}; known: {sorted(_INDEX_OPTIONS)}")
         root = Path(root)
-        product_name = options.get("optical_product", DEFAULT_OPTICAL_PRODUCT)
-        if product_name not in OPTICAL_PRODUCTS:
-            raise ConfigError(f"spacenet6: optical_product {product_name!r} is not one of {sorted(OPTICAL_PRODUCTS)}")
-        product = OPTICAL_PRODUCTS[product_name]
+        requested = options.get("optical_product")
+        if requested is not None and requested not in OPTICAL_PRODUCTS:
+            raise ConfigError(f"spacenet6: optical_product {requested!r} is not one of {sorted(OPTICAL_PRODUCTS)}")
         resampling = options.get("optical_resampling", "bilinear")
         if resampling not in Resampling.__members__:
             raise ConfigError(f"spacenet6: optical_resampling {resampling!r} is not a rasterio Resampling name")
@@ -436,6 +495,11 @@ class SpaceNet6Reader(Reader):
             test_aoi = None
         if train_aoi is None and test_aoi is None:
             raise DataError(f"{root}: no SpaceNet 6 SAR-Intensity tiles found; expected layout {cls.layout}")
+        if train_aoi is not None:
+            product_name, optical_tiles, product_note = choose_optical_product(train_aoi, requested)
+        else:  # public test tiles only: no optical is read
+            product_name, optical_tiles, product_note = requested or DEFAULT_OPTICAL_PRODUCT, {}, None
+        product = OPTICAL_PRODUCTS[product_name]
 
         orientations_path = options.get("orientations_file")
         if orientations_path is not None:
@@ -465,9 +529,10 @@ class SpaceNet6Reader(Reader):
             if orientation is None:
                 unlisted_strips.add(key.strip)
             if subset == "test_public":
-                split, band = "test", easting_band(grid.bounds[0], edges)
+                split, band = "unassigned", easting_band(grid.bounds[0], edges)
             else:
                 split, band = assign_split(grid.bounds, edges, band_splits, exclude_straddling)
+            reason = (TEST_PUBLIC if subset == "test_public" else STRADDLING) if split == "unassigned" else None
             prefix = "test_public_" if subset == "test_public" else ""
             records.append(
                 make_record(
@@ -485,6 +550,7 @@ class SpaceNet6Reader(Reader):
                         "orientation": orientation,
                         "rotated": bool(rotate and orientation == 1),
                         "easting_band": band,
+                        "unassigned_reason": reason,
                         "height": grid.height,
                         "width": grid.width,
                         "pixel_size": grid.pixel_size,
@@ -495,7 +561,6 @@ class SpaceNet6Reader(Reader):
 
         if train_aoi is not None:
             sar_tiles = _scan(train_aoi / SAR_PRODUCT, SAR_PRODUCT, ".tif")
-            optical_tiles = _scan(train_aoi / product_name, product_name, ".tif")
             label_files = _scan(train_aoi / LABEL_FOLDER, "Buildings", ".geojson")
             for key in sorted(sar_tiles, key=lambda k: (k.strip, k.tile)):
                 optical = optical_tiles.get(key)
@@ -516,6 +581,7 @@ class SpaceNet6Reader(Reader):
             raise DataError(f"{root}: SpaceNet 6 tiles found but no pair could be made; first problem: {first_problem}")
 
         first = record_extra(records[0])
+        reasons = Counter(record_extra(r)["unassigned_reason"] for r in records)
         # Orientation 0 strips were imaged from the north (the radar looks south in north-up
         # pixels); rotated orientation-1 tiles look south too. A mix, or an unknown strip, has no look.
         effective = {0 if extra["rotated"] else extra["orientation"] for extra in map(record_extra, records)}
@@ -541,6 +607,7 @@ class SpaceNet6Reader(Reader):
             sar_look=sar_look,
             extra={
                 "optical_product": product_name,
+                "notes": [product_note] if product_note else [],
                 "optical_resampling": resampling if product.pixel_size != 0.5 else None,
                 "optical_pixel_size": product.pixel_size,
                 "orientations_file": str(orientations_path) if orientations_path else None,
@@ -554,7 +621,7 @@ class SpaceNet6Reader(Reader):
                     "easting_edges": edges,
                     "band_splits": band_splits,
                     "exclude_straddling": exclude_straddling,
-                    "unassigned": sum(r["split"] == "unassigned" for r in records),
+                    "unassigned": {reason: reasons[reason] for reason in (STRADDLING, TEST_PUBLIC)},
                 },
             },
         )
