@@ -27,7 +27,7 @@ from xmodal.data.manifest import Manifest, record_extra
 from xmodal.data.readers import LoadOptions, detect_reader, get_reader
 from xmodal.data.readers.spacenet6 import SpaceNet6Reader, restore_orientation
 from xmodal.data.sample import IGNORE_INDEX
-from xmodal.data.splits import check_no_leakage
+from xmodal.data.splits import SplitSettings, check_no_leakage
 from xmodal.errors import ConfigError, DataError, PairingError
 
 BUILDINGS = LoadOptions(mask_layer="buildings")
@@ -190,6 +190,11 @@ def test_public_test_tiles_are_sar_only_and_never_scored(indexed) -> None:
     assert sample.optical.shape == (4, TILE_PX, TILE_PX) and not sample.optical.any()
     assert not sample.optical_valid.any() and sample.sar_valid.all()
     assert (sample.mask == IGNORE_INDEX).all()
+    # `xmodal data split` re-splits the rest and leaves them where they are.
+    for by in ({"by": "region"}, {"by": "blocks", "block_size": 200.0}):
+        resplit = SplitSettings(val_fraction=0.2, test_fraction=0.3, **by).apply(indexed.manifest.records)
+        assert [r["split"] for r in resplit if r["tile_id"] in {p["tile_id"] for p in public}] == ["unassigned"] * 2
+        assert [r["tile_id"] for r in resplit] == [r["tile_id"] for r in indexed.manifest.records]
 
 
 def test_missing_optical_is_skipped_with_reason(fresh_root: Path) -> None:

@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, fields
 from typing import Any, Iterable
 
-from xmodal.data.manifest import record_meta
+from xmodal.data.manifest import record_extra, record_meta
 from xmodal.errors import ConfigError, LeakageError
 
 
@@ -20,6 +20,16 @@ def _stable_fraction(key: str, seed: int) -> float:
     """A number in [0, 1) that depends only on ``key`` and ``seed`` (not on Python's hash seed)."""
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+# A record its reader keeps out of every split says so in ``extra[SPLIT_LOCKED]`` (the reason):
+# e.g. SpaceNet 6's public test tiles, SAR only with no labels, on which nothing can be scored.
+SPLIT_LOCKED = "split_locked"
+
+
+def is_split_locked(record: dict[str, Any]) -> bool:
+    """True when no split may take this record (its reader left it ``unassigned`` for good)."""
+    return bool(record_extra(record).get(SPLIT_LOCKED))
 
 
 def _check_fractions(val: float, test: float) -> None:
@@ -145,17 +155,23 @@ class SplitSettings:
         return cls(**data)
 
     def apply(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The records with their ``split`` assigned, checked for train/held-out overlap."""
+        """The records with their ``split`` assigned, checked for train/held-out overlap.
+
+        Records locked out of every split (:func:`is_split_locked`) keep their split.
+        """
+        free = [record for record in records if not is_split_locked(record)]
         if self.by == "region":
             out = split_by_region(
-                records, test_regions=self.test_regions, val_regions=self.val_regions,
+                free, test_regions=self.test_regions, val_regions=self.val_regions,
                 val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.seed,
             )
         else:
             out = split_by_blocks(
-                records, block_size=float(self.block_size), val_fraction=self.val_fraction,
+                free, block_size=float(self.block_size), val_fraction=self.val_fraction,
                 test_fraction=self.test_fraction, seed=self.seed,
             )
+        assigned = iter(out)
+        out = [record if is_split_locked(record) else next(assigned) for record in records]
         check_no_leakage(out)
         return out
 

@@ -78,6 +78,7 @@ from xmodal.data.manifest import (
 )
 from xmodal.data.readers.base import IndexResult, LoadOptions, Reader, Skipped, register_reader
 from xmodal.data.sample import IGNORE_INDEX, PairedSample
+from xmodal.data.splits import SPLIT_LOCKED
 from xmodal.errors import ConfigError, DataError, PairingError
 
 AOI = "AOI_11_Rotterdam"
@@ -551,6 +552,8 @@ class SpaceNet6Reader(Reader):
                         "rotated": bool(rotate and orientation == 1),
                         "easting_band": band,
                         "unassigned_reason": reason,
+                        # Nothing can be scored on them: `xmodal data split` must not move them.
+                        SPLIT_LOCKED: TEST_PUBLIC if subset == "test_public" else None,
                         "height": grid.height,
                         "width": grid.width,
                         "pixel_size": grid.pixel_size,
