@@ -243,10 +243,18 @@ READER_OPTIONS_FILE = "reader_options.json"
 
 def index_folder(settings: DataSettings) -> Path:
     """Where the index of a raw dataset folder is kept: ``prepared_dir``, else ``<root>/.xmodal``,
-    in a sub-folder per set of reader options (a swept class subset never reads a stale index)."""
+    in a sub-folder per set of reader options (a swept class subset never reads a stale index).
+
+    A file root (a ``scenes.yaml`` listing) is indexed beside it, into
+    ``<its folder>/.xmodal/<its stem>-<digest of its contents>``: an edited listing gets a new index."""
     if settings.prepared_dir:
         return Path(settings.prepared_dir)
-    base = Path(settings.root) / ".xmodal"
+    root = Path(settings.root)
+    if root.is_file():
+        digest = hashlib.sha256(root.read_bytes()).hexdigest()[:12]
+        base = root.parent / ".xmodal" / f"{root.stem}-{digest}"
+    else:
+        base = root / ".xmodal"
     if not settings.reader_options:
         return base
     digest = hashlib.sha256(json.dumps(settings.reader_options, sort_keys=True, default=str).encode()).hexdigest()[:12]

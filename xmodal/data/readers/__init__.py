@@ -6,6 +6,7 @@ from xmodal.data.readers import so2sat  # noqa: F401
 from xmodal.data.readers import ssl4eo  # noqa: F401
 from xmodal.data.readers import sen12ms  # noqa: F401
 from xmodal.data.readers import dfc2020  # noqa: F401
+from xmodal.data.readers import scenes  # noqa: F401
 from xmodal.data.readers.base import (
     READERS,
     IndexResult,

@@ -53,6 +53,9 @@ class Reader(ABC):
     description: ClassVar[str]
     # Folder layout shown by ``xmodal data inspect`` and the README.
     layout: ClassVar[str] = ""
+    # Suffixes of single files this reader takes as its root (a ``scenes.yaml`` listing); most
+    # readers take folders only.
+    file_suffixes: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     @abstractmethod
@@ -92,13 +95,19 @@ def get_reader(name: str, source: str | None = None) -> type[Reader]:
 
 
 def detect_reader(root: str | Path) -> type[Reader]:
-    """The reader whose layout ``root`` holds.
+    """The reader whose layout ``root`` holds (a file goes to the readers whose ``file_suffixes`` name it).
 
     Raises:
-        DataError: No reader (or more than one) recognises the folder.
+        DataError: No reader (or more than one) recognises the folder, or no reader takes the file.
     """
     _import_builtin_readers()
     root = Path(root)
+    if root.is_file():
+        found = [r for r in READERS.values() if root.suffix.lower() in r.file_suffixes and r.detect(root)]
+        if len(found) == 1:
+            return found[0]
+        suffixes = sorted({suffix for r in READERS.values() for suffix in r.file_suffixes})
+        raise DataError(f"{root}: neither a folder nor a file a reader takes (expected a dataset folder or a {'/'.join(suffixes)} listing)")
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
     found = [reader for reader in READERS.values() if reader.detect(root)]
