@@ -328,8 +328,9 @@ def vector_crs(path: str | Path) -> str:
         left, bottom, right, top = bounds
         if left < -180 or right > 180 or bottom < -90 or top > 90:
             raise DataError(
-                f"{path}: its CRS is lon/lat ({crs}; a GeoJSON without a 'crs' member is WGS 84 lon/lat, RFC 7946) but its "
-                f"coordinates span x {left:.1f}..{right:.1f}, y {bottom:.1f}..{top:.1f}; add the right CRS or write lon/lat"
+                f"{path}: its CRS is lon/lat ({crs}, as for a GeoJSON with no 'crs' member: RFC 7946) but its coordinates "
+                f"are not lon/lat (x {left:.6g} to {right:.6g}, y {bottom:.6g} to {top:.6g}; expected |x| <= 180, |y| <= 90); "
+                "name their CRS (a 'crs' member, a .prj) or write lon/lat"
             )
     return crs
 

@@ -47,7 +47,6 @@ Conventions this reader applies:
 from __future__ import annotations
 
 import bisect
-import json
 import os
 import re
 from collections import Counter
@@ -60,10 +59,9 @@ import numpy as np
 import rasterio
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
-from rasterio.errors import CRSError, RasterioIOError
-from rasterio.features import rasterize
+from rasterio.errors import RasterioIOError
 from rasterio.transform import Affine
-from rasterio.warp import reproject, transform_geom
+from rasterio.warp import reproject
 
 from xmodal.data.bands import BandSet
 from xmodal.data.geotiff import RasterGrid, check_same_grid, crs_string, read_raster
@@ -78,6 +76,7 @@ from xmodal.data.manifest import (
 )
 from xmodal.data.readers.base import IndexResult, LoadOptions, Reader, Skipped, register_reader
 from xmodal.data.sample import IGNORE_INDEX, PairedSample
+from xmodal.data.scenes import rasterise_vector
 from xmodal.data.splits import SPLIT_LOCKED
 from xmodal.errors import ConfigError, DataError, PairingError
 
@@ -284,46 +283,6 @@ def mask_nodata(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return data, ~invalid
 
 
-def _vector_crs(collection: Mapping[str, Any], path: Path, geometries: Sequence[Mapping[str, Any]]) -> CRS:
-    """CRS named by a GeoJSON's (pre-RFC 7946) ``crs`` member; EPSG:4326 lon/lat otherwise.
-
-    Raises:
-        DataError: No ``crs`` member but ``geometries`` (z dropped) reach beyond lon/lat
-            (|x| > 180 or |y| > 90: projected metres, say), or a ``crs`` member that names no CRS.
-    """
-    member = collection.get("crs")
-    if not member:
-        xy = np.asarray([pair for geometry in geometries for pair in _pairs(geometry["coordinates"])], dtype=np.float64)
-        if xy.size and not ((np.abs(xy[:, 0]) <= 180.0) & (np.abs(xy[:, 1]) <= 90.0)).all():
-            raise DataError(
-                f"{path}: has no 'crs' member, so RFC 7946 lon/lat (EPSG:4326) applies, but its coordinates are "
-                f"not lon/lat (x {xy[:, 0].min():.6g} to {xy[:, 0].max():.6g}, y {xy[:, 1].min():.6g} to "
-                f"{xy[:, 1].max():.6g}; expected |x| <= 180, |y| <= 90); add a 'crs' member naming their CRS"
-            )
-        return CRS.from_epsg(4326)
-    name = (member.get("properties") or {}).get("name") if isinstance(member, Mapping) else None
-    if not name:
-        raise DataError(f"{path}: 'crs' member {member!r} has no properties.name")
-    try:
-        return CRS.from_user_input(name)
-    except CRSError as exc:
-        raise DataError(f"{path}: unknown CRS {name!r} ({exc})") from exc
-
-
-def _pairs(coordinates: Any) -> list[list[float]]:
-    """Every position of nested GeoJSON coordinates, flattened."""
-    if coordinates and isinstance(coordinates[0], (int, float)):
-        return [coordinates]
-    return [pair for part in coordinates for pair in _pairs(part)]
-
-
-def _drop_z(coordinates: Any) -> Any:
-    """Coordinates without their third (height) value; SN6 polygons carry z = 0."""
-    if coordinates and isinstance(coordinates[0], (int, float)):
-        return list(coordinates[:2])
-    return [_drop_z(part) for part in coordinates]
-
-
 def rasterize_buildings(path: Path, grid: RasterGrid) -> np.ndarray:
     """Burn the building polygons of one GeoJSON onto a raster grid (int64, 0/1).
 
@@ -332,35 +291,9 @@ def rasterize_buildings(path: Path, grid: RasterGrid) -> np.ndarray:
     """
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    text = path.read_text()
-    if not text.strip():
+    if not path.read_text().strip():  # SN6 ships empty files for tiles without buildings
         return np.zeros((grid.height, grid.width), dtype=np.int64)
-    try:
-        collection = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid GeoJSON ({exc})") from exc
-    if collection.get("type") == "FeatureCollection":
-        geometries = [feature.get("geometry") for feature in collection.get("features") or []]
-    elif collection.get("type") == "Feature":
-        geometries = [collection.get("geometry")]
-    else:
-        geometries = [collection]
-    geometries = [g for g in geometries if g and g.get("type") in ("Polygon", "MultiPolygon")]
-    if not geometries:
-        return np.zeros((grid.height, grid.width), dtype=np.int64)
-    flats = [{"type": geometry["type"], "coordinates": _drop_z(geometry["coordinates"])} for geometry in geometries]
-    source_crs = _vector_crs(collection, path, flats)
-    target_crs = CRS.from_user_input(grid.crs)
-    shapes = []
-    for flat in flats:
-        try:
-            shapes.append((transform_geom(source_crs, target_crs, flat), 1))
-        except Exception as exc:  # GDAL/PROJ raise several types for broken geometries
-            raise DataError(f"{path}: cannot reproject a {flat['type']} to {grid.crs} ({exc})") from exc
-    burnt = rasterize(
-        shapes, out_shape=(grid.height, grid.width), transform=Affine(*grid.transform), fill=0, dtype="uint8"
-    )
-    return burnt.astype(np.int64)
+    return rasterise_vector(path, grid)
 
 
 def _rotate_180(array: np.ndarray) -> np.ndarray:
