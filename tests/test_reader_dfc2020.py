@@ -8,9 +8,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from fixtures.dfc2020 import NODATA_PATCH, SIZE, file_path, make_dfc2020
+from fixtures.dfc2020 import (
+    B08_ZERO_BLOCK,
+    B10_ZERO_ROWS,
+    COPERNICUS_NO_S1,
+    COPERNICUS_SIZE,
+    COPERNICUS_SPLITS,
+    COPERNICUS_UNLISTED,
+    FILL_PIXEL,
+    NODATA_PATCH,
+    S1_ZERO_DB_PIXEL,
+    SIZE,
+    ZERO_BAND_PATCH,
+    copernicus_path,
+    file_path,
+    make_dfc2020,
+    make_dfc2020_copernicus,
+)
 from rasterio.transform import Affine
 
+from xmodal.data.manifest import Manifest
 from xmodal.data.readers import LoadOptions, detect_reader
 from xmodal.data.readers.dfc2020 import DFC_TO_DW, Dfc2020Reader
 from xmodal.data.readers.sen12ms import IGBP_TO_DFC, Sen12msReader
@@ -20,6 +37,9 @@ from xmodal.data.splits import check_no_leakage
 from xmodal.errors import ConfigError, DataError, PairingError
 
 DFC = LoadOptions(mask_layer="dfc", noisy_layer="lc_dfc")
+# DFC value 0..10 -> CROMA / GFM-Bench class: Savanna (3) and Snow/Ice (8) -> 255, the rest 0..7.
+GFM8 = np.array([IGNORE_INDEX, 0, 1, IGNORE_INDEX, 2, 3, 4, 5, IGNORE_INDEX, 6, 7])
+GFM8_NAMES = ["Forest", "Shrubland", "Grassland", "Wetlands", "Croplands", "Urban/Built-up", "Barren", "Water"]
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +160,129 @@ def test_nodata_masked(indexed) -> None:
     assert not sample.optical_valid[-6:, -6:].any() and sample.optical_valid[:-6].all()
     assert np.isnan(sample.optical[:, -6:, -6:]).all()
     assert (sample.mask[-6:, -6:] == IGNORE_INDEX).all() and (sample.noisy_mask[-6:, -6:] == IGNORE_INDEX).all()
+
+
+def test_zero_in_one_band_is_a_measurement_fill_is_every_band(indexed) -> None:
+    """S2 no-data is 0 in all 13 bands; B10 = 0 or B08 = 0 alone is a valid pixel; 0 dB is a valid S1 value."""
+    split, patch = ZERO_BAND_PATCH
+    sample = _load(indexed, f"ROIs0000_{split}_0_p{patch}")
+    expected = np.ones((SIZE, SIZE), dtype=bool)
+    expected[FILL_PIXEL] = False
+    assert np.array_equal(sample.optical_valid, expected)
+    assert np.isnan(sample.optical[(slice(None), *FILL_PIXEL)]).all()
+    assert (sample.optical[10, :B10_ZERO_ROWS][expected[:B10_ZERO_ROWS]] == 0).all()
+    assert (sample.optical[(7, *B08_ZERO_BLOCK)] == 0).all()
+    assert sample.sar_valid.all() and (sample.sar[(slice(None), *S1_ZERO_DB_PIXEL)] == 0).all()
+    assert sample.noisy_mask[FILL_PIXEL] == IGNORE_INDEX and (sample.noisy_mask[:B10_ZERO_ROWS] != IGNORE_INDEX).all()
+
+
+def test_gfm_bench_eight_classes(fixture_root: Path, tmp_path: Path) -> None:
+    result = Dfc2020Reader.index(fixture_root, classes=8)
+    info = result.manifest.info
+    assert info.layers["dfc"].classes == GFM8_NAMES and info.layers["lc_dfc"].classes == GFM8_NAMES
+    assert info.layers["dfc_dw"].classes == list(DYNAMIC_WORLD_CLASSES)  # its own classes
+    assert info.extra["dfc_classes"] == 8
+    # dataset.json carries the names that match the mapping.
+    result.manifest.save(tmp_path / "prepared")
+    assert Manifest.load(tmp_path / "prepared").info.layers["dfc"].classes == GFM8_NAMES
+    sample = _load(result, "ROIs0000_test_0_p5")
+    with rasterio.open(file_path(fixture_root, "test", "dfc", 5)) as src:
+        dfc = src.read(1).astype(np.int64)
+    with rasterio.open(file_path(fixture_root, "test", "lc", 5)) as src:
+        igbp = src.read(1).astype(np.int64)
+    assert np.array_equal(sample.mask, GFM8[dfc])
+    assert np.array_equal(sample.noisy_mask, GFM8[np.asarray(IGBP_TO_DFC)[igbp]])
+    assert {3, 8} & set(np.unique(dfc)) and set(np.unique(sample.mask)) <= set(range(8)) | {IGNORE_INDEX}
+    # classes=9 is the baseline's no_savanna; contradicting or unknown sets are refused.
+    nine = Dfc2020Reader.index(fixture_root, classes=9, read_geometry=False).manifest.info
+    baseline = Dfc2020Reader.index(fixture_root, no_savanna=True, read_geometry=False).manifest.info
+    assert nine.layers["dfc"].classes == baseline.layers["dfc"].classes and len(nine.layers["dfc"].classes) == 9
+    with pytest.raises(ConfigError, match="classes"):
+        Dfc2020Reader.index(fixture_root, classes=11)
+    with pytest.raises(ConfigError, match="no_savanna"):
+        Dfc2020Reader.index(fixture_root, classes=10, no_savanna=True)
+
+
+@pytest.fixture(scope="module")
+def copernicus_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dfc2020_copernicus(tmp_path_factory.mktemp("copernicus"))
+
+
+def test_copernicus_bench_copy_pairs_by_name_and_splits_by_csv(copernicus_root: Path) -> None:
+    assert detect_reader(copernicus_root) is Dfc2020Reader
+    assert detect_reader(copernicus_root / "dfc2020_s1s2") is Dfc2020Reader
+    result = Dfc2020Reader.index(copernicus_root)
+    manifest = result.manifest
+    splits = {r["tile_id"]: r["split"] for r in manifest.records}
+    expected = {
+        f"ROIs0000_{folder}_0_p{patch}": split
+        for split, keys in COPERNICUS_SPLITS.items()
+        for folder, patch in keys
+        if (folder, patch) != COPERNICUS_NO_S1
+    }
+    assert splits == expected
+    skipped = {s.item: s.reason for s in result.skipped}
+    unlisted, no_s1 = (f"ROIs0000_{folder}_0_p{patch}" for folder, patch in (COPERNICUS_UNLISTED, COPERNICUS_NO_S1))
+    assert set(skipped) == {unlisted, no_s1}
+    assert "not listed" in skipped[unlisted] and "dfc-train-new.csv" in skipped[unlisted]
+    assert "ROIs0000_validation_s1_0_p2.tif" in skipped[no_s1]
+    info = manifest.info
+    assert info.extra["layout"] == "copernicus_bench" and info.extra["protocol"] == "copernicus_bench"
+    assert set(info.layers) == {"dfc", "dfc_dw"} and len(info.layers["dfc"].classes) == 10
+    # Pixel coordinates only: no footprint is recorded (a made-up one would fake leaks or their absence).
+    assert all(r["crs"] == "" for r in manifest.records) and info.extra["georeferenced_patches"] == 0
+    splits_of_region: dict[str, set[str]] = {}
+    for record in manifest.records:
+        splits_of_region.setdefault(record["region"], set()).add(record["split"])
+    assert all(len(splits) == 1 for splits in splits_of_region.values())
+    record = next(r for r in manifest.records if r["tile_id"] == "ROIs0000_test_0_p1")
+    assert record["sar_path"] == "dfc2020_s1s2/s1/ROIs0000_test_s1_0_p1.tif"
+    sample = Dfc2020Reader.load(record, info, manifest.data_root, LoadOptions(mask_layer="dfc"))
+    assert sample.sar.dtype == np.float32 and sample.sar.shape == (2, COPERNICUS_SIZE, COPERNICUS_SIZE)
+    assert sample.optical.shape == (13, COPERNICUS_SIZE, COPERNICUS_SIZE)
+    with rasterio.open(copernicus_path(copernicus_root, "test", "dfc", 1)) as src:
+        assert src.dtypes[0] == "int32"
+        dfc = src.read(1).astype(np.int64)
+    assert np.array_equal(sample.mask, np.where(dfc > 0, dfc - 1, IGNORE_INDEX))  # 0 = Background -> ignored
+    eight = Dfc2020Reader.index(copernicus_root, classes=8)
+    sample = Dfc2020Reader.load(
+        next(r for r in eight.manifest.records if r["tile_id"] == "ROIs0000_test_0_p1"),
+        eight.manifest.info,
+        eight.manifest.data_root,
+        LoadOptions(mask_layer="dfc"),
+    )
+    assert np.array_equal(sample.mask, GFM8[dfc]) and eight.manifest.info.layers["dfc"].classes == GFM8_NAMES
+
+
+def test_copernicus_bench_copy_by_folder_protocol(copernicus_root: Path, fixture_root: Path) -> None:
+    result = Dfc2020Reader.index(copernicus_root, protocol="ssl")
+    assert {r["split"] for r in result.manifest.records if "_validation_" in r["tile_id"]} == {"test"}
+    assert {r["split"] for r in result.manifest.records if "_test_" in r["tile_id"]} <= {"train", "val"}
+    assert len(result.manifest.records) == 9  # the unlisted patch counts too; the one without S1 does not
+    with pytest.raises(ConfigError, match="copernicus_bench"):
+        Dfc2020Reader.index(fixture_root, protocol="copernicus_bench")
+
+
+def test_copernicus_bench_split_files_are_checked(copernicus_root: Path, tmp_path: Path) -> None:
+    root = Path(shutil.copytree(copernicus_root, tmp_path / "copy")) / "dfc2020_s1s2"
+    with (root / "dfc-val-new.csv").open("a") as f:
+        f.write("ROIs0000_test_dfc_0_p0.tif\n")  # also in train
+    with pytest.raises(DataError, match="dfc-val-new.csv.*dfc-train-new.csv|dfc-train-new.csv.*dfc-val-new.csv"):
+        Dfc2020Reader.index(root)
+    (root / "dfc-val-new.csv").write_text("filename\n")
+    with pytest.raises(DataError, match="dfc-val-new.csv: entry 1 'filename'"):
+        Dfc2020Reader.index(root)
+    for name in ("dfc-train-new.csv", "dfc-val-new.csv", "dfc-test-new.csv"):
+        (root / name).unlink()
+    with pytest.raises(DataError, match="dfc-train-new.csv"):
+        Dfc2020Reader.index(root)
+
+
+def test_both_layouts_in_one_folder_are_refused(copernicus_root: Path, fixture_root: Path, tmp_path: Path) -> None:
+    both = Path(shutil.copytree(fixture_root, tmp_path / "both"))
+    shutil.copytree(copernicus_root / "dfc2020_s1s2", both / "dfc2020_s1s2")
+    with pytest.raises(DataError, match="both"):
+        Dfc2020Reader.index(both)
 
 
 def test_missing_file_is_reported(own_copy: Path) -> None:

@@ -8,16 +8,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from fixtures.sen12ms import BAD_PATCH, NODATA_PATCH, SCENES, SIZE, TEST_SCENES, UNLISTED_PATCH, file_path, make_sen12ms
+from fixtures.sen12ms import (
+    B08_ZERO_BLOCK,
+    B10_ZERO_ROWS,
+    BAD_PATCH,
+    FILL_PIXEL,
+    NODATA_PATCH,
+    S1_ZERO_DB_PIXEL,
+    SCENES,
+    SIZE,
+    TEST_SCENES,
+    UNLISTED_PATCH,
+    ZERO_BAND_PATCH,
+    file_path,
+    make_sen12ms,
+)
 from rasterio.transform import Affine
 
 from xmodal.data.readers import LoadOptions, detect_reader
 from xmodal.data.readers.dfc2020 import Dfc2020Reader
-from xmodal.data.readers.sen12ms import IGBP_TO_DFC, Sen12msReader, sen12ms_group
+from xmodal.data.readers.sen12ms import IGBP_TO_DFC, Sen12msReader, igbp_to_dfc_index, sen12ms_group
 from xmodal.data.readers.ssl4eo import Ssl4eoS12Reader
 from xmodal.data.sample import IGNORE_INDEX
 from xmodal.data.splits import check_no_leakage, find_leaks
-from xmodal.errors import DataError, PairingError
+from xmodal.errors import ConfigError, DataError, PairingError
 
 BOTH = LoadOptions(mask_layer="dfc", noisy_layer="igbp")
 ALL_PATCHES = {
@@ -107,6 +121,55 @@ def test_nodata_and_known_nan_sample(indexed) -> None:
     assert not bad.sar_valid[5:8].any() and bad.sar_valid[8:].all()  # NaN rows 5-7 in S1
     assert (bad.mask[5:8] == IGNORE_INDEX).all()
     assert np.isfinite(bad.sar[:, bad.valid()]).all() and bad.extra["sar_nodata_fraction"] == pytest.approx(3 / SIZE)
+
+
+def test_zero_in_one_band_is_a_measurement_fill_is_every_band(indexed) -> None:
+    """S2 no-data is 0 in all 13 bands (the product's fill); B10 = 0 or B08 = 0 alone is valid; 0 dB is valid."""
+    sample = _load(indexed, _tile(ZERO_BAND_PATCH))
+    expected = np.ones((SIZE, SIZE), dtype=bool)
+    expected[FILL_PIXEL] = False
+    assert np.array_equal(sample.optical_valid, expected)
+    assert np.isnan(sample.optical[(slice(None), *FILL_PIXEL)]).all()
+    assert (sample.optical[10, :B10_ZERO_ROWS][expected[:B10_ZERO_ROWS]] == 0).all()
+    assert (sample.optical[(7, *B08_ZERO_BLOCK)] == 0).all()
+    assert sample.sar_valid.all() and (sample.sar[(slice(None), *S1_ZERO_DB_PIXEL)] == 0).all()
+    assert (sample.mask[:B10_ZERO_ROWS] != IGNORE_INDEX).any() and sample.mask[FILL_PIXEL] == IGNORE_INDEX
+    assert sample.extra["optical_nodata_fraction"] == pytest.approx(1 / SIZE**2)
+
+
+def test_declared_nodata_is_honoured_per_band(own_copy: Path) -> None:
+    """A file's declared nodata marks that band's pixels no-data (read_raster -> NaN), in S1 and S2."""
+    result = Sen12msReader.index(own_copy)
+    record = next(r for r in result.manifest.records if r["tile_id"] == "ROIs1158_spring_1_p1")
+    with rasterio.open(own_copy / record["sar_path"], "r+") as dst:
+        sar = dst.read()
+        sar[1, 4, 4] = -9999.0
+        dst.write(sar)
+        dst.nodata = -9999.0
+    with rasterio.open(own_copy / record["optical_path"], "r+") as dst:
+        optical = dst.read()
+        optical[3, 6, 6] = 65535
+        dst.write(optical)
+        dst.nodata = 65535
+    sample = Sen12msReader.load(record, result.manifest.info, result.manifest.data_root, BOTH)
+    assert not sample.sar_valid[4, 4] and sample.sar_valid.sum() == SIZE**2 - 1
+    assert not sample.optical_valid[6, 6] and sample.optical_valid.sum() == SIZE**2 - 1
+
+
+def test_gfm_bench_eight_classes(fixture_root: Path) -> None:
+    result = Sen12msReader.index(fixture_root, classes=8)
+    classes = result.manifest.info.layers["dfc"].classes
+    assert len(classes) == 8 and "Savanna" not in classes and "Snow/Ice" not in classes
+    sample = _load(result, "ROIs1158_spring_1_p1")
+    with rasterio.open(file_path(fixture_root, "ROIs1158_spring", "lc", 1, 1)) as src:
+        igbp = src.read(1)
+    # DFC value -> GFM-Bench class: Savanna (3) and Snow/Ice (8) -> 255, the others renumbered 0..7.
+    gfm8 = np.array([IGNORE_INDEX, 0, 1, IGNORE_INDEX, 2, 3, 4, 5, IGNORE_INDEX, 6, 7])
+    expected = np.where((igbp >= 1) & (igbp <= 17), gfm8[np.asarray(IGBP_TO_DFC)[np.clip(igbp, 0, 17)]], IGNORE_INDEX)
+    assert np.array_equal(sample.mask, expected)
+    assert np.array_equal(igbp_to_dfc_index(np.arange(18), classes=8), gfm8[np.asarray(IGBP_TO_DFC)])
+    with pytest.raises(ConfigError, match="classes"):
+        Sen12msReader.index(fixture_root, classes=7)
 
 
 def test_skip_known_bad(fixture_root: Path) -> None:

@@ -12,11 +12,14 @@ import rasterio
 from rasterio.transform import Affine
 
 from fixtures.ssl4eo import (
+    B8_ZERO_BLOCK,
+    B10_ZERO_ROWS,
     LOCATIONS,
     S1_NAN_SEASON,
     S2_NODATA_SEASON,
     SIZE_10M,
     UNLABELLED_SEASON,
+    ZERO_BAND_SEASON,
     make_ssl4eo,
 )
 from xmodal.data.readers import LoadOptions, detect_reader
@@ -141,6 +144,31 @@ def test_nodata_masked(indexed) -> None:
     assert not sample.sar_valid[0].any()  # NaN rows at the top of the S1 grid
     assert (sample.mask[~sample.sar_valid] == IGNORE_INDEX).all()
     assert not sample.valid()[~sample.sar_valid].any()
+
+
+def test_zero_in_one_band_is_a_measurement_not_nodata(indexed) -> None:
+    """Sentinel-2 fill is 0 in every band; B10 = 0 (clear sky) or B8 = 0 (water) alone is valid."""
+    location, season = ZERO_BAND_SEASON
+    sample = _load(indexed, f"{location}_s{season}")
+    names = indexed.manifest.info.optical_bands.names
+    b10, b08 = names.index("B10"), names.index("B08")
+    assert sample.optical_valid.all() and sample.extra["optical_nodata_fraction"] == 0.0
+    assert (sample.optical[b10, : B10_ZERO_ROWS - 3] == 0).all()  # away from the bilinear seam
+    assert (sample.optical[b08][B8_ZERO_BLOCK] == 0).all()
+    assert np.isfinite(sample.optical).all()
+    assert (sample.mask[sample.sar_valid] != IGNORE_INDEX).any()
+    # S1 is invalid only outside its footprint (western columns, northern rows); 0 dB is a value.
+    assert sample.sar_valid[3:, 6:].all()
+
+
+def test_fill_is_nodata_in_every_band_and_kept_out_of_interpolation(indexed) -> None:
+    location, season = S2_NODATA_SEASON
+    sample = _load(indexed, f"{location}_s{season}")
+    strip = SIZE_10M // 4
+    assert np.isnan(sample.optical[:, :, :strip]).all()
+    # Next to the fill, the 20 m / 60 m bands are interpolated from valid pixels only: no value
+    # pulled towards 0 by the fill (the fixture's reflectances are all >= 100).
+    assert np.nanmin(sample.optical) >= 100
 
 
 def test_dynamic_world_labels(indexed) -> None:

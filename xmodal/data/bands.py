@@ -27,6 +27,10 @@ SENTINEL2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A"
 # Floor used when converting linear power to dB so that exact zeros do not become -inf.
 DB_FLOOR_LINEAR = 1e-10
 
+# Sentinel-2 L1C / L2A as distributed (uint16 reflectance x 1e4) write 0 in every band of a pixel
+# that holds no data (outside the swath, GEE-masked): the product's NODATA value.
+S2_NODATA_VALUE = 0
+
 
 @dataclass(frozen=True)
 class Band:
@@ -114,3 +118,42 @@ def sar_to_db(values: np.ndarray, unit: str) -> np.ndarray:
     if unit == "amplitude":
         return linear_to_db(amplitude_to_linear(values))
     raise DataError(f"cannot convert SAR unit {unit!r} to dB: only linear, amplitude and dB are intensities")
+
+
+# ------------------------------------------------------------------------------------------------
+# No-data rules of the Sentinel products, shared by every reader of them
+# ------------------------------------------------------------------------------------------------
+
+
+def s2_fill(data: np.ndarray) -> np.ndarray:
+    """H x W mask of Sentinel-2 fill pixels: :data:`S2_NODATA_VALUE` in every band of ``data`` (C x H x W).
+
+    A zero in some bands only is a measurement (B10 cirrus over clear sky, water in NIR), not fill.
+    """
+    if data.ndim != 3:
+        raise DataError(f"Sentinel-2 array has shape {data.shape}; expected bands x height x width")
+    return (data == S2_NODATA_VALUE).all(axis=0)
+
+
+def mask_s2(data: np.ndarray) -> np.ndarray:
+    """Apply the Sentinel-2 no-data rule to ``data`` (C x H x W, float) in place; return the H x W validity.
+
+    A pixel is no-data when every band is 0 (the product's whole-pixel fill; all its bands become
+    NaN) or when a band is not finite: NaN where the file declares a nodata value and that band
+    equals it (:func:`~xmodal.data.geotiff.read_raster` turns declared nodata into NaN), or where
+    no source pixel maps after resampling. A single band at 0 stays 0 and the pixel stays valid.
+    """
+    data[:, s2_fill(data)] = np.nan
+    return np.isfinite(data).all(axis=0)
+
+
+def mask_s1(data: np.ndarray) -> np.ndarray:
+    """Apply the Sentinel-1 GRD (dB) no-data rule to ``data`` (C x H x W, float) in place; return the H x W validity.
+
+    No-data is a non-finite value (NaN, the file's declared nodata turned into NaN by
+    :func:`~xmodal.data.geotiff.read_raster`, +-inf) in any band; those values become NaN. An exact
+    0 dB (sigma0 = 1) is a valid backscatter value and is kept.
+    """
+    finite = np.isfinite(data)
+    data[~finite] = np.nan
+    return finite.all(axis=0)

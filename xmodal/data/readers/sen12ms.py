@@ -16,11 +16,17 @@ Label convention (both layers come from band 1 of the ``lc`` file, MODIS IGBP 1-
 
 * ``igbp``: IGBP 1..17 stored as 0..16; any other value is 255 (unknown).
 * ``dfc``: IGBP mapped to the simplified DFC2020 scheme with the look-up table
-  :data:`IGBP_TO_DFC` (values 1..10), stored as 0..9; the unused DFC value 0 is 255. With the
-  option ``no_savanna`` Savanna becomes 255 and the classes above it move down by one (9 classes),
-  as in the DFC2020 baseline.
+  :data:`IGBP_TO_DFC` (values 1..10), stored as 0..9; the unused DFC value 0 is 255. The option
+  ``classes`` picks the class set (:data:`DFC_CLASS_SETS`): ``9`` (or ``no_savanna``, as in the
+  DFC2020 baseline) makes Savanna 255 and moves the classes above it down by one; ``8`` (CROMA /
+  GFM-Bench) also makes Snow/Ice 255.
 
 In both layers a pixel whose S1 or S2 data are no-data is 255 as well.
+
+No-data (:func:`~xmodal.data.bands.mask_s2`, :func:`~xmodal.data.bands.mask_s1`, shared with the
+DFC2020 and SSL4EO-S12 readers): an S2 pixel is no-data when all 13 bands are 0 (the product's
+fill) or a band is NaN / the file's declared nodata; one band at 0 (B10 over clear sky, water in
+NIR) is a measurement. S1 is no-data where a band is NaN or the declared nodata; 0 dB is valid.
 
 Splits never cut a scene (patches of one scene overlap by about half a patch): the official
 ``train_list.txt`` / ``test_list.txt`` when present, else ``SEN12MS_holdOutScenes.txt``, else a
@@ -48,7 +54,7 @@ from rasterio.crs import CRS
 from rasterio.errors import CRSError, RasterioError
 from rasterio.warp import transform_bounds
 
-from xmodal.data.bands import SENTINEL2_BANDS, BandSet
+from xmodal.data.bands import SENTINEL2_BANDS, BandSet, mask_s1, mask_s2
 from xmodal.data.geotiff import RasterGrid, check_same_grid, crs_string, read_raster
 from xmodal.data.manifest import (
     DatasetInfo,
@@ -74,8 +80,6 @@ S1_UNIT = "dB"
 S2_L1C_BAND_NAMES = SENTINEL2_BANDS
 S2_L2A_BAND_NAMES = tuple(name for name in SENTINEL2_BANDS if name != "B10")
 S2_UNIT = "reflectance_x1e4"
-# Sentinel-2 products mark pixels outside the swath (and GEE-masked pixels) with 0.
-S2_NODATA_VALUE = 0
 
 IGBP_CLASSES = [
     "Evergreen Needleleaf Forests",
@@ -111,6 +115,11 @@ DFC_CLASSES = [
 # IGBP value (index) -> simplified DFC2020 value; 0 is unused in both schemes.
 IGBP_TO_DFC = (0, 1, 1, 1, 1, 1, 2, 2, 3, 3, 4, 5, 6, 7, 6, 8, 9, 10)
 DFC_SAVANNA = 3
+DFC_SNOW_ICE = 8
+# Class sets of the zero-based DFC layers: number of classes -> DFC values left out (-> 255).
+# 10: all; 9: the DFC2020 baseline's ``no_savanna``; 8: CROMA / GFM-Bench (no Savanna, no Snow/Ice,
+# both nearly absent from the DFC2020 labels), so mIoU is comparable with their tables.
+DFC_CLASS_SETS: dict[int, tuple[int, ...]] = {10: (), 9: (DFC_SAVANNA,), 8: (DFC_SAVANNA, DFC_SNOW_ICE)}
 
 SEN12MS_SEASONS = ("ROIs1158_spring", "ROIs1868_summer", "ROIs1970_fall", "ROIs2017_winter")
 # (season, scene, patch) of the one SEN12MS patch with NaNs in S1 (known from the DFC2020 baseline).
@@ -130,24 +139,6 @@ def s2_band_set(level: str = "L1C") -> BandSet:
     return BandSet.of("optical", list(names), S2_UNIT)
 
 
-def mask_s1(data: np.ndarray) -> np.ndarray:
-    """Turn non-finite S1 values into NaN in place; return the H x W mask of pixels valid in every band."""
-    finite = np.isfinite(data)
-    data[~finite] = np.nan
-    return finite.all(axis=0)
-
-
-def mask_s2(data: np.ndarray) -> np.ndarray:
-    """Turn S2 no-data (value 0, or already NaN) into NaN in place; return the H x W validity mask.
-
-    A zero in any band counts as no-data for that pixel: that is the product convention, at the cost
-    of masking the rare genuine zero (very dark water in L2A), which ``xmodal data inspect`` reports.
-    """
-    invalid = ~np.isfinite(data) | (data == S2_NODATA_VALUE)
-    data[invalid] = np.nan
-    return ~invalid.any(axis=0)
-
-
 def mask_labels(labels: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Labels as int64 with :data:`IGNORE_INDEX` wherever the imagery is no-data."""
     labels = labels.astype(np.int64, copy=False)
@@ -164,36 +155,67 @@ def lookup_classes(values: np.ndarray, table: np.ndarray) -> np.ndarray:
     return out
 
 
-def dfc_class_names(no_savanna: bool = False) -> list[str]:
-    """Class names of the zero-based DFC layers (9 without Savanna)."""
-    return [name for name in DFC_CLASSES if not (no_savanna and name == "Savanna")]
+def dfc_class_count(reader: str, classes: int | None, no_savanna: bool) -> int:
+    """The DFC class set asked for by the reader options ``classes`` and ``no_savanna``.
+
+    ``no_savanna=True`` is the DFC2020 baseline's name for ``classes=9``.
+
+    Raises:
+        ConfigError: ``classes`` is not one of :data:`DFC_CLASS_SETS`, or contradicts ``no_savanna``.
+    """
+    if classes is None:
+        return 9 if no_savanna else 10
+    if isinstance(classes, bool) or classes not in DFC_CLASS_SETS:
+        raise ConfigError(
+            f"reader {reader!r}: classes={classes!r}; expected one of {sorted(DFC_CLASS_SETS, reverse=True)} "
+            "(10 DFC classes, 9 without Savanna, 8 without Savanna and Snow/Ice as CROMA / GFM-Bench)"
+        )
+    if no_savanna and DFC_SAVANNA not in DFC_CLASS_SETS[classes]:
+        raise ConfigError(f"reader {reader!r}: no_savanna=True contradicts classes={classes}; give one of them")
+    return int(classes)
 
 
-def _dfc_value_table(no_savanna: bool) -> np.ndarray:
-    """Simplified DFC value 0..10 -> zero-based class index (255 = unknown)."""
+def _kept_dfc_values(classes: int) -> list[int]:
+    """Simplified DFC values 1..10 that stay classes in the ``classes`` set, in order."""
+    if classes not in DFC_CLASS_SETS:
+        raise DataError(f"DFC class set {classes!r}: expected one of {sorted(DFC_CLASS_SETS, reverse=True)}")
+    return [value for value in range(1, len(DFC_CLASSES) + 1) if value not in DFC_CLASS_SETS[classes]]
+
+
+def dfc_class_names(classes: int = 10) -> list[str]:
+    """Class names of the zero-based DFC layers (10, 9 without Savanna, 8 also without Snow/Ice)."""
+    return [DFC_CLASSES[value - 1] for value in _kept_dfc_values(classes)]
+
+
+def dfc_classes_note(classes: int) -> str:
+    """What a layer description says about the left-out DFC classes ("" for all 10)."""
+    dropped = [DFC_CLASSES[value - 1] for value in DFC_CLASS_SETS[classes]]
+    return f"; {' and '.join(dropped)} -> 255, classes above them shift down" if dropped else ""
+
+
+def _dfc_value_table(classes: int) -> np.ndarray:
+    """Simplified DFC value 0..10 -> zero-based class index of the ``classes`` set (255 = unknown or left out)."""
     table = np.full(len(DFC_CLASSES) + 1, IGNORE_INDEX, dtype=np.int64)
-    for value in range(1, len(DFC_CLASSES) + 1):
-        if no_savanna and value == DFC_SAVANNA:
-            continue
-        table[value] = value - 1 - (1 if no_savanna and value > DFC_SAVANNA else 0)
+    kept = _kept_dfc_values(classes)
+    table[kept] = np.arange(len(kept))
     return table
 
 
-def dfc_to_index(dfc: np.ndarray, no_savanna: bool = False) -> np.ndarray:
-    """Simplified DFC2020 values 1..10 -> 0..9 (or 0..8 without Savanna); 0 and others -> 255."""
-    return lookup_classes(dfc, _dfc_value_table(no_savanna))
+def dfc_to_index(dfc: np.ndarray, classes: int = 10) -> np.ndarray:
+    """Simplified DFC2020 values 1..10 -> 0..classes-1 (left-out classes, 0 and others -> 255)."""
+    return lookup_classes(dfc, _dfc_value_table(classes))
 
 
-def igbp_to_index(igbp: np.ndarray, no_savanna: bool = False) -> np.ndarray:
-    """IGBP values 1..17 -> 0..16; anything else -> 255 (``no_savanna`` does not apply)."""
+def igbp_to_index(igbp: np.ndarray, classes: int = 10) -> np.ndarray:
+    """IGBP values 1..17 -> 0..16; anything else -> 255 (the DFC class set does not apply)."""
     table = np.full(len(IGBP_CLASSES) + 1, IGNORE_INDEX, dtype=np.int64)
     table[1:] = np.arange(len(IGBP_CLASSES))
     return lookup_classes(igbp, table)
 
 
-def igbp_to_dfc_index(igbp: np.ndarray, no_savanna: bool = False) -> np.ndarray:
-    """IGBP values -> zero-based simplified DFC classes through :data:`IGBP_TO_DFC`."""
-    table = _dfc_value_table(no_savanna)[np.asarray(IGBP_TO_DFC)]
+def igbp_to_dfc_index(igbp: np.ndarray, classes: int = 10) -> np.ndarray:
+    """IGBP values -> zero-based simplified DFC classes of the ``classes`` set through :data:`IGBP_TO_DFC`."""
+    table = _dfc_value_table(classes)[np.asarray(IGBP_TO_DFC)]
     return lookup_classes(igbp, table)
 
 
@@ -400,8 +422,8 @@ def refuse_unknown_options(reader: str, unknown: dict[str, Any]) -> None:
 # Loading a SEN12MS-style co-registered pair (SEN12MS and DFC2020)
 # --------------------------------------------------------------------------------------------
 
-# Layer name -> (band of the label file, decoder(values, no_savanna) -> zero-based int64 classes).
-LabelDecoder = tuple[int, Callable[[np.ndarray, bool], np.ndarray]]
+# Layer name -> (band of the label file, decoder(values, DFC class count) -> zero-based int64 classes).
+LabelDecoder = tuple[int, Callable[[np.ndarray, int], np.ndarray]]
 
 
 def load_coregistered_pair(
@@ -425,7 +447,8 @@ def load_coregistered_pair(
     optical_valid = mask_s2(optical.data)
     both_valid = sar_valid & optical_valid
     layers = record_layers(record)
-    no_savanna = bool(info.extra.get("no_savanna", False))
+    # Datasets indexed before the ``classes`` option only recorded ``no_savanna``.
+    classes = int(info.extra.get("dfc_classes") or (9 if info.extra.get("no_savanna") else 10))
     masks: dict[str, np.ndarray | None] = {"mask": None, "noisy_mask": None}
     for key, layer in (("mask", options.mask_layer), ("noisy_mask", options.noisy_layer)):
         if layer is None:
@@ -437,7 +460,7 @@ def load_coregistered_pair(
         if label_raster.data.shape[0] < band:
             raise DataError(f"{label_raster.path}: has {label_raster.data.shape[0]} band(s); layer {layer!r} needs band {band}")
         check_same_grid(optical.grid, label_raster.grid, optical.path, label_raster.path)
-        masks[key] = mask_labels(decode(label_raster.data[band - 1], no_savanna), both_valid)
+        masks[key] = mask_labels(decode(label_raster.data[band - 1], classes), both_valid)
     pixels = float(both_valid.size)
     return PairedSample(
         sar=sar.data,
@@ -555,6 +578,7 @@ class Sen12msReader(Reader):
         use_split_files: bool = True,
         skip_known_bad: bool = False,
         no_savanna: bool = False,
+        classes: int | None = None,
         read_geometry: bool = True,
         workers: int = 8,
         **unknown: Any,
@@ -569,12 +593,16 @@ class Sen12msReader(Reader):
             seed: Seed of the scene draws.
             use_split_files: Honour ``train_list.txt`` / ``test_list.txt`` / ``SEN12MS_holdOutScenes.txt``.
             skip_known_bad: Leave out the patch with NaNs in S1 (reported in ``skipped``).
-            no_savanna: Drop Savanna from the ``dfc`` layer (9 classes), as the DFC2020 baseline can.
+            no_savanna: Drop Savanna from the ``dfc`` layer (9 classes), as the DFC2020 baseline can;
+                the same as ``classes=9``.
+            classes: DFC class set of the ``dfc`` layer: 10, 9 (no Savanna) or 8 (no Savanna, no
+                Snow/Ice: CROMA / GFM-Bench); left-out classes load as 255.
             read_geometry: Read S1/S2 headers for CRS and bounds (needed for the leakage check and
                 the footprint test); off leaves CRS empty and is faster on huge slow disks.
             workers: Threads reading headers.
         """
         refuse_unknown_options(cls.name, unknown)
+        dfc_classes = dfc_class_count(cls.name, classes, no_savanna)
         root = Path(root)
         if not cls.detect(root):
             raise DataError(f"{root}: no ROIs<season>/(s1|s2|lc)_<scene> folders; not a SEN12MS layout")
@@ -645,16 +673,17 @@ class Sen12msReader(Reader):
                     description="MODIS MCD12Q1 IGBP (500 m, resampled to 10 m) from lc band 1; values 1-17 stored as 0-16",
                 ),
                 "dfc": LabelLayer(
-                    classes=dfc_class_names(no_savanna),
+                    classes=dfc_class_names(dfc_classes),
                     description="IGBP mapped to simplified DFC2020 classes (LUT 0,1,1,1,1,1,2,2,3,3,4,5,6,7,6,8,9,10); "
-                    "values 1-10 stored as 0-9, 0 unused -> 255" + ("; Savanna -> 255" if no_savanna else ""),
+                    f"values 1-10 stored as 0-{dfc_classes - 1}, 0 unused -> 255" + dfc_classes_note(dfc_classes),
                 ),
             },
             tile_size=tile_size,
             pixel_size=10.0,
             data_root=str(root.resolve()),
             extra={
-                "no_savanna": no_savanna,
+                "no_savanna": DFC_SAVANNA in DFC_CLASS_SETS[dfc_classes],
+                "dfc_classes": dfc_classes,
                 "split_source": split_source,
                 "seed": seed,
                 "leaking_pairs": len(find_leaks(records)) if read_geometry else None,

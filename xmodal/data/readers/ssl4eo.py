@@ -21,12 +21,19 @@ counts differ); a pair further apart than ``max_days_apart`` is skipped. One rec
 Resampling on load, onto the 10 m grid of S2 band B2:
 
 * S2 20 m / 60 m bands: bilinear. Reflectance is a smooth field; nearest (TorchGeo's choice) leaves
-  2x2 / 6x6 blocks that a network can key on. No-data (0) is excluded from the interpolation.
+  2x2 / 6x6 blocks that a network can key on. No-data is excluded from the interpolation.
 * S1: the S1 grid is offset by about 40 m and 0.7 % in pixel size from S2, so S1 is reprojected
   onto the S2 grid, bilinear **in linear power** (dB -> linear -> bilinear -> dB): averaging
   logarithms underestimates the mean backscatter. Pixels outside the S1 footprint are NaN.
 * Dynamic World labels: nearest, from their own grid (a label file without georeferencing is
   stretched over the S2 tile, nearest, as CromSS does).
+
+No-data follows the products (:func:`~xmodal.data.bands.mask_s2` / :func:`~xmodal.data.bands.mask_s1`,
+shared with the SEN12MS and DFC2020 readers): an S2 pixel is fill when every band is 0 there
+(bands compared on the 10 m grid, nearest); one band at 0 (B10 over clear sky, NIR over water) is
+a measurement and is interpolated like any value. A band file's declared nodata is no-data for that
+band. S1 is no-data where NaN (or the declared nodata); 0 dB is a valid value. Pixels outside the S1
+footprint are no-data too.
 
 Dynamic World labels (optional; option ``labels_root`` or ``<root>/dw``): one single-band GeoTIFF
 per location and S2 folder, values 0-8 for the 9 classes (water, trees, grass, flooded_vegetation,
@@ -59,7 +66,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 from rasterio.warp import reproject
 
-from xmodal.data.bands import DB_FLOOR_LINEAR
+from xmodal.data.bands import DB_FLOOR_LINEAR, mask_s1, mask_s2, s2_fill
 from xmodal.data.geotiff import RasterGrid, read_raster
 from xmodal.data.manifest import DatasetInfo, LabelLayer, Manifest, make_record, record_extra, record_layers, record_meta
 from xmodal.data.readers.base import IndexResult, LoadOptions, Reader, Skipped, register_reader
@@ -374,13 +381,26 @@ class Ssl4eoS12Reader(Reader):
         grid = reference.grid
         height, width = grid.height, grid.width
 
-        optical = np.empty((len(info.optical_bands), height, width), dtype=np.float32)
-        for position, band in enumerate(info.optical_bands.names):
-            raster = reference if band == REFERENCE_BAND else read_raster(optical_dir / band_file(band), expected_bands=1)
+        rasters = [
+            reference if band == REFERENCE_BAND else read_raster(optical_dir / band_file(band), expected_bands=1)
+            for band in info.optical_bands.names
+        ]
+        # The product's fill is 0 in every band: compare the bands on the 10 m grid (nearest), then keep
+        # the fill (and only the fill) out of the interpolation of each band on its native grid.
+        if (reference.data[0] == 0).any():
+            nearest = np.stack([_onto_grid(r.data[0], r.grid, grid, Resampling.nearest, np.nan) for r in rasters])
+            fill = s2_fill(nearest)
+        else:  # fill is 0 in every band, B02 (on the target grid) included
+            fill = np.zeros((height, width), dtype=bool)
+        optical = np.empty((len(rasters), height, width), dtype=np.float32)
+        for position, raster in enumerate(rasters):
             values = raster.data[0]
-            values[values == 0] = np.nan  # S2 no-data, kept out of the interpolation
+            if fill.any():
+                native_fill = _onto_grid(fill.astype(np.uint8), grid, raster.grid, Resampling.max, 0) > 0
+                values[native_fill & (values == 0)] = np.nan
             optical[position] = _onto_grid(values, raster.grid, grid, Resampling.bilinear, np.nan)
-        optical_valid = np.isfinite(optical).all(axis=0)
+        optical[:, fill] = np.nan
+        optical_valid = mask_s2(optical)
 
         sar = np.empty((len(info.sar_bands), height, width), dtype=np.float32)
         minimum = float(info.extra.get("min_overlap", 0.0))
@@ -393,7 +413,7 @@ class Ssl4eoS12Reader(Reader):
             linear = _onto_grid(linear, raster.grid, grid, Resampling.bilinear, np.nan)
             with np.errstate(invalid="ignore"):
                 sar[position] = 10.0 * np.log10(np.maximum(linear, DB_FLOOR_LINEAR))
-        sar_valid = np.isfinite(sar).all(axis=0)
+        sar_valid = mask_s1(sar)
 
         both_valid = sar_valid & optical_valid
         layers = record_layers(record)
