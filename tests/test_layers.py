@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "xmodal"
 # layer -> the xmodal packages it may import (itself included). Order: data -> models -> losses ->
-# methods -> figures -> engine -> tune -> report -> bench -> cli.
+# methods -> figures -> engine -> tune -> report -> bench -> predict -> cli.
 ALLOWED = {
     "data": {"data"},
     "models": {"models"},
@@ -21,7 +21,8 @@ ALLOWED = {
     "tune": {"data", "models", "methods", "engine", "tune", "report"},
     "report": {"methods", "figures", "engine", "tune", "report"},
     "bench": {"data", "models", "methods", "engine", "bench"},
-    "cli": {"data", "models", "methods", "engine", "tune", "report", "bench", "cli"},
+    "predict": {"data", "models", "losses", "methods", "engine", "predict"},
+    "cli": {"data", "models", "methods", "engine", "tune", "report", "bench", "predict", "cli"},
 }
 SHARED = {"errors", "settings", "progress"}  # leaf modules every layer may use
 METHOD_PLUMBING = {"base", "registry", "optim", "exports", "inputs", "metrics", "panels", "summaries"}

@@ -184,6 +184,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), quick=args.quick)
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    from xmodal.predict import PredictSettings, predict
+
+    predict(PredictSettings(
+        source=args.source, scenes=args.scenes, out=args.out, export=args.export, window=args.window, overlap=args.overlap,
+        probabilities=args.probabilities, labels=args.labels or [], label_field=args.label_field,
+        bands=args.bands.split(",") if args.bands else None, unit=args.unit, device=args.device, workers=args.workers,
+        batch_size=args.batch_size, plain=args.plain,
+    ))
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from xmodal import bench
 
@@ -276,6 +287,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-out")
     demo.add_argument("--quick", action="store_true", help="a much smaller world and fewer epochs (smoke test)")
     demo.set_defaults(func=cmd_demo)
+
+    predict = commands.add_parser(
+        "predict", help="predict whole scenes with a run's segmenter: georeferenced class maps, previews, scores",
+        description="Run a trained segmenter over whole scenes in overlapping, blended windows (Ray Data batch inference), "
+        "normalised as its training data was; write <scene>.tif (classes, 255 no-data) in the scene's CRS and transform, "
+        "a preview PNG and predict.json.",
+    )
+    predict.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="a run's results folder (with run.json) or a checkpoint folder")
+    predict.add_argument("scenes", nargs="+", metavar="SCENE", help="raster scenes with the training data's bands and units")
+    predict.add_argument("--out", required=True, help="output folder")
+    predict.add_argument("--export", help="segmenter export of the checkpoint (default: its only one, or 'model')")
+    predict.add_argument("--window", type=int, help="window size in px (default: the run's tile size)")
+    predict.add_argument("--overlap", type=int, help="overlap of neighbouring windows in px (default: a quarter of the window)")
+    predict.add_argument("--probabilities", action="store_true", help="also write <scene>_probabilities.tif (float32 per class)")
+    predict.add_argument("--labels", nargs="+", metavar="FILE", help="label raster or vector file(s) to score against: one per scene, or one for all")
+    predict.add_argument("--label-field", help="attribute of a vector label file holding the class (default: burn 1)")
+    predict.add_argument("--bands", help="the scenes' band names when their files do not say, e.g. VV,VH")
+    predict.add_argument("--unit", help="the scenes' unit when their files do not say (e.g. dB, linear)")
+    predict.add_argument("--device", default="cpu", help="cpu or cuda (each Ray Data actor takes one GPU)")
+    predict.add_argument("--workers", type=int, help="predictor actors (default: one per CPU, or per GPU with --device cuda)")
+    predict.add_argument("--batch-size", type=int, default=8, help="windows per model call")
+    predict.add_argument("--plain", action="store_true", help="predict in this process without Ray")
+    predict.set_defaults(func=cmd_predict)
 
     bench = commands.add_parser("bench", help="print throughput figures")
     bench.add_argument("what", choices=["data", "train"])

@@ -23,6 +23,7 @@ from xmodal.data.prepared import PreparedData
 from xmodal.engine.collectives import current_collectives
 from xmodal.engine.config import ExperimentConfig
 from xmodal.engine.console import throttled, worker_line, worker_progress
+from xmodal.engine.results import inference_record
 from xmodal.engine.setup import BestTracker, build_method, metric_spec
 from xmodal.engine.training import STATE_FILE, LoopData, LoopState, open_tensorboard, resume_from, run_epochs, write_checkpoint
 from xmodal.errors import DataError
@@ -179,7 +180,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                     "method": method.state_dict(), "epoch": epoch, "global_step": metrics["step"],
                     "fingerprint": plan.fingerprint, "metrics": metrics, "best": tracker.record,
                 }
-                write_checkpoint(folder, record, method.exports())
+                write_checkpoint(folder, record, method.exports(), inference_record(plan.prepared))
                 report_checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=report_checkpoint)
 

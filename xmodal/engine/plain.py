@@ -24,7 +24,7 @@ from xmodal.data.torch_data import iterate_numpy, labelled_loader, torch_loader
 from xmodal.engine.chain import ResolvedInput, run_chain
 from xmodal.engine.config import ExperimentConfig, fingerprint
 from xmodal.engine.preflight import preflight
-from xmodal.engine.results import RunResult, record_failure, results_dir, summarise, write_run_results
+from xmodal.engine.results import RunResult, inference_record, record_failure, results_dir, summarise, write_run_results
 from xmodal.engine.setup import BestTracker, build_method, metric_spec, prepare_run_data, result_line, run_header
 from xmodal.engine.storage import is_remote
 from xmodal.engine.training import STATE_FILE, LoopData, LoopState, open_tensorboard, resume_from, run_epochs, write_checkpoint
@@ -37,11 +37,11 @@ LAST_DIR = "checkpoint_last"
 TESTED_DIR = "checkpoint_tested"
 
 
-def _save_checkpoint(folder: Path, state: dict[str, Any], exports: dict[str, Any]) -> None:
-    """Write state.pt and exports into ``folder`` atomically (a crash never leaves half a checkpoint)."""
+def _save_checkpoint(folder: Path, state: dict[str, Any], exports: dict[str, Any], inference: dict[str, Any] | None = None) -> None:
+    """Write state.pt, exports and the inference record into ``folder`` atomically (a crash never leaves half a checkpoint)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    write_checkpoint(scratch, state, exports)
+    write_checkpoint(scratch, state, exports, inference)
     previous = folder.with_name(folder.name + ".previous")
     if folder.exists():
         folder.rename(previous)
@@ -104,6 +104,7 @@ def run_plain_single(
     folder = Path(config.run.storage).expanduser().resolve() / config.name
     state = LoopState(tracker=BestTracker(metric_spec(config, spec), config.run.select))
     plan_fingerprint = fingerprint(config)
+    inference = inference_record(prepared)
     recover_checkpoints(folder, lambda line: log(f"[{config.name}] {line}"))
     if (folder / LAST_DIR / STATE_FILE).is_file():
         saved = read_torch_file(folder / LAST_DIR / STATE_FILE, device)
@@ -111,9 +112,9 @@ def run_plain_single(
 
     def on_epoch(epoch: int, metrics: dict[str, Any], tracker: BestTracker) -> None:
         record = {"method": method.state_dict(), "epoch": epoch, "global_step": metrics["step"], "fingerprint": plan_fingerprint, "metrics": metrics, "best": tracker.record}
-        _save_checkpoint(folder / LAST_DIR, record, method.exports())
+        _save_checkpoint(folder / LAST_DIR, record, method.exports(), inference)
         if tracker.epoch == epoch + 1:
-            _save_checkpoint(folder / TESTED_DIR, record, method.exports())
+            _save_checkpoint(folder / TESTED_DIR, record, method.exports(), inference)
         if report is not None:
             report(metrics)
 

@@ -6,7 +6,8 @@ A run's results folder (``run.results`` or the run's storage, then the run name)
   checkpoints, which epoch was tested, its metrics, the tested and last checkpoints; when it
   started and ended, its start-up time before the first step, its wall time, and the versions of
   Python, xmodal, torch and Ray it ran with). Checkpoint
-  folders hold a different file, ``metrics.json``: that epoch's flat metrics.
+  folders hold a different file, ``metrics.json``: that epoch's flat metrics, and ``inference.json``:
+  what ``xmodal predict`` needs to prepare a scene as training did (:func:`inference_record`).
 * ``panels_test.png``: the method's test panel; ``artifacts/``: the test artifacts (arrays, PNGs).
 * ``tensorboard/``: per-step and per-epoch curves.
 """
@@ -31,6 +32,9 @@ PANELS_FILE = "panels_test.png"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 FAILED_FILE = "failed.json"  # a run that stopped on an error: what it was (removed when the run finishes)
 RESUME_HINT = "relaunch the command that started it (same name and run.storage) to resume from its last checkpoint"
+# Beside every checkpoint's exports: what inference needs to feed a model as training did.
+INFERENCE_FILE = "inference.json"
+INFERENCE_FORMAT = 1
 
 
 @dataclass
@@ -139,6 +143,31 @@ def summarise(
         # Set-up before the first optimiser step: data preparation, worker start, model build.
         "startup_seconds": round(first_step - started, 1) if isinstance(first_step, (int, float)) else None,
         "versions": versions(),
+    }
+
+
+def inference_record(prepared: Any) -> dict[str, Any]:
+    """What inference needs to prepare a scene as training prepared the tiles (``inference.json``).
+
+    Written beside every checkpoint's exports by both engines, so a checkpoint folder alone is
+    enough for ``xmodal predict``: the dataset description (bands and units of both modalities,
+    label layers, ignore value), the training split's statistics, and the pipeline's settings.
+
+    Args:
+        prepared: The run's :class:`~xmodal.data.prepared.PreparedData`.
+    """
+    settings = prepared.settings
+    return {
+        "format": INFERENCE_FORMAT,
+        "dataset": prepared.info.to_dict(),
+        "stats": prepared.stats.to_dict(),
+        "sar_db": settings.sar_db,
+        "clip_sigma": settings.clip_sigma,
+        "tile_size": settings.tile_size,
+        "mask_layer": settings.mask_layer,
+        "class_names": prepared.class_names(),
+        "ignore_index": prepared.info.ignore_index,
+        "data_root": str(settings.root),
     }
 
 

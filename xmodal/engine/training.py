@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from xmodal.engine.config import ExperimentConfig, check_same_run
+from xmodal.engine.results import INFERENCE_FILE
 from xmodal.engine.setup import BestTracker
 from xmodal.errors import TrainingError, XmodalError
 from xmodal.methods.base import Collectives, EvalResult, Method
@@ -82,12 +83,15 @@ STATE_FILE = "state.pt"  # a checkpoint's method state, epoch, step, fingerprint
 METRICS_FILE = "metrics.json"  # its epoch's metrics (the run's summary is run.json)
 
 
-def write_checkpoint(folder: str | Path, record: dict[str, Any], exports: dict[str, Any]) -> None:
-    """A checkpoint's files in ``folder``: the state, its metrics as strict JSON, the exports."""
+def write_checkpoint(folder: str | Path, record: dict[str, Any], exports: dict[str, Any], inference: dict[str, Any] | None = None) -> None:
+    """A checkpoint's files in ``folder``: the state, its metrics as strict JSON, the exports, and
+    the inference record (:func:`~xmodal.engine.results.inference_record`) when given."""
     folder = Path(folder)
     torch.save(record, folder / STATE_FILE)
     (folder / METRICS_FILE).write_text(json.dumps(json_safe(record["metrics"]), indent=2, allow_nan=False))
     save_exports(exports, folder)
+    if inference is not None:
+        (folder / INFERENCE_FILE).write_text(json.dumps(json_safe(inference), indent=2, default=str))
 
 
 def resume_from(saved: dict[str, Any], method: Method, state: LoopState, config: ExperimentConfig, where: str, log: Callable[[str], None]) -> None:
