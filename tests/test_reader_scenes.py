@@ -269,6 +269,46 @@ def test_vector_labels_cover_only_the_box_of_their_features_by_default(tmp_path:
     assert (mask[:, :left] == 255).any() and (mask == 1).sum() == (expected_buildings(boxes) > 0).sum()
 
 
+def write_landcover(path: Path, *, value_east: int = 2, classes_tag: str | None = None) -> Path:
+    """Land cover on the optical's 20 m grid in zone 33: class 1 west of the feature's easting,
+    ``value_east`` east of it, no-data (255) in the northern 25 rows (500 m: the SAR scene's northern 180 m)."""
+    size = 96
+    origin = optical_origin(size)
+    fx, _ = utm(*feature_lonlat(), OPTICAL_CRS)
+    xs, _ = pixel_centres(origin, OPTICAL_PIXEL, size, size)
+    data = np.where(xs < fx, 1, value_east).astype(np.uint8)
+    data[:25] = 255
+    write_raster(path, data, crs=OPTICAL_CRS, transform=from_origin(*origin, OPTICAL_PIXEL, OPTICAL_PIXEL), nodata=255,
+                 tags={"classes": classes_tag} if classes_tag else None)
+    return path
+
+
+def test_raster_labels_land_by_nearest_with_no_data_unknown(tmp_path: Path):
+    folder = tmp_path / "scenes"
+    basic_scenes(folder)
+    write_landcover(folder / "landcover.tif", classes_tag="water, field, forest")
+    body = {"sar": {"files": ["s1_20240601.tif"]}, "optical": {"files": ["s2_20240603.tif"]},
+            "labels": {"landcover": {"files": ["landcover.tif"]}}, "tiles": {"size": 32}}
+    manifest = ScenesReader.index(write_listing(folder, body)).manifest
+    assert manifest.info.layers["landcover"].classes == ["water", "field", "forest"]  # from the file's tag
+    mask = mosaic(manifest, manifest.records, "mask", mask_layer="landcover")
+    # Truth at each SAR pixel centre: which side of the feature's easting (in zone 33) it lies on.
+    xs, ys = pixel_centres(sar_origin(), SAR_PIXEL, SAR_SIZE, SAR_SIZE)
+    east, north = transform_points(SAR_CRS, OPTICAL_CRS, xs.ravel().tolist(), ys.ravel().tolist())
+    east, north = np.asarray(east).reshape(xs.shape), np.asarray(north).reshape(xs.shape)
+    fx, _ = utm(*feature_lonlat(), OPTICAL_CRS)
+    nodata_south_edge = optical_origin()[1] - 25 * OPTICAL_PIXEL
+    known = mask != 255
+    assert set(np.unique(mask)) == {1, 2, 255}  # nearest: never an interpolated class
+    clear = (np.abs(east - fx) > OPTICAL_PIXEL) & (np.abs(north - nodata_south_edge) > OPTICAL_PIXEL)
+    np.testing.assert_array_equal(mask[clear & known], np.where(east < fx, 1, 2)[clear & known])
+    assert (mask[clear & (north > nodata_south_edge)] == 255).all() and known[clear & (north < nodata_south_edge)].all()
+
+    write_landcover(folder / "landcover.tif", value_east=7)
+    with pytest.raises(DataError, match=r"landcover\.tif: label value 7 outside layer 'landcover'"):
+        mosaic(manifest, manifest.records, "mask", mask_layer="landcover")
+
+
 def test_overlapping_windows_with_a_smaller_stride(tmp_path: Path):
     listing = basic_scenes(tmp_path / "scenes", stride=16)
     manifest = ScenesReader.index(listing, **{"split": {"by": "region"}}).manifest

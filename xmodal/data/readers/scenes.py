@@ -350,10 +350,16 @@ def _raster_classes_from_tags(spec_raw: dict[str, Any], base: Path) -> None:
         path = base / first
         if path.suffix.lower() not in RASTER_SUFFIXES or not path.is_file():
             continue
-        with rasterio.open(path) as src:
-            tag = src.tags().get("classes")
+        try:
+            with rasterio.open(path) as src:
+                tag = src.tags().get("classes")
+        except RasterioIOError as exc:
+            raise DataError(f"{path}: cannot be read as a raster ({exc})") from None
         if tag:
-            names = yaml.safe_load(tag) if tag.strip().startswith("[") else [c.strip() for c in tag.split(",")]
+            try:
+                names = yaml.safe_load(tag) if tag.strip().startswith("[") else [c.strip() for c in tag.split(",")]
+            except yaml.YAMLError:
+                raise DataError(f"{path}: 'classes' tag {tag!r} is neither a list nor comma-separated names") from None
             spec_raw["labels"][name] = {**entry, "classes": names}
 
 
