@@ -40,6 +40,12 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
     print(f"wrote {len(manifest)} scenes to {args.out}: {counts} (statistics in {args.out}/stats.json)")
 
 
+def cmd_data_synth_scenes(args: argparse.Namespace) -> None:
+    from xmodal.data.synth import synth_scenes
+
+    print(synth_scenes(args.out, seed=args.seed, size=args.size, scenes=args.scenes, pixel_size=args.pixel_size).summary())
+
+
 def cmd_data_stats(args: argparse.Namespace) -> None:
     from xmodal.data.manifest import Manifest
     from xmodal.data.prepared import write_stats
@@ -231,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--test-regions", nargs="*")
     synth.add_argument("--split-seed", type=int, default=0)
     synth.set_defaults(func=cmd_data_synth)
+
+    synth_scenes = data_commands.add_parser("synth-scenes", help="whole SAR/optical scenes, GeoJSON labels and scenes.yaml from the synthetic world")
+    synth_scenes.add_argument("out", help="folder to write")
+    synth_scenes.add_argument("--seed", type=int, help="world seed (default 0)")
+    synth_scenes.add_argument("--size", type=int, help="SAR scene side in pixels (default 1024)")
+    synth_scenes.add_argument("--scenes", type=int, help="SAR/optical training pairs (default 1)")
+    synth_scenes.add_argument("--pixel-size", type=float, help="SAR pixel in metres (default 10; optical twice that)")
+    synth_scenes.set_defaults(func=cmd_data_synth_scenes)
 
     stats = data_commands.add_parser("stats", help="compute per-band statistics of the training split")
     stats.add_argument("root")

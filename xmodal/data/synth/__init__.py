@@ -15,6 +15,7 @@ from xmodal.data.synth.config import WorldConfig
 from xmodal.data.synth.style import RegionStyle, region_style
 from xmodal.data.synth.world import dataset_info, generate_scene, generate_world, tile_bounds
 from xmodal.data.synth.dataset import parse_world, synthesize
+from xmodal.data.synth.scenes import simulate_scene, synth_scenes
 
 __all__ = [
     "LANDCOVER_CLASSES",
@@ -26,6 +27,8 @@ __all__ = [
     "generate_world",
     "parse_world",
     "region_style",
+    "simulate_scene",
+    "synth_scenes",
     "synthesize",
     "tile_bounds",
 ]
