@@ -80,6 +80,9 @@ def test_two_worker_landcover_baseline_beats_chance_and_writes_results(tiny_worl
     checkpoint = Path(result.last_checkpoint)
     state = torch.load(checkpoint / "state.pt", weights_only=False)
     assert state["epoch"] == 9 and (checkpoint / "exports" / "model.pt").is_file()
+    # Beside the exports, what `xmodal predict` needs to prepare a scene as training did.
+    record = json.loads((checkpoint / "inference.json").read_text())
+    assert record["mask_layer"] == config.data.mask_layer and record["stats"]["tiles"] > 0 and record["tile_size"] == config.data.tile_size
     # The checkpoint later phases receive is the one that was tested.
     tested = torch.load(Path(result.checkpoint) / "state.pt", weights_only=False)
     assert tested["epoch"] + 1 == summary["tested_epoch"]

@@ -214,7 +214,8 @@ def test_predict_a_trained_run_end_to_end(tiny_world: Path, tmp_path: Path, caps
     write_raster(tmp_path / "labels.tif", truth, crs=left["crs"], transform=transform, nodata=255)
     capsys.readouterr()
     code = main(["predict", str(run_dir), str(tmp_path / "scene.tif"), "--out", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels.tif")])
-    out, err = capsys.readouterr().out, capsys.readouterr().err
+    captured = capsys.readouterr()
+    out, err = captured.out, captured.err
     assert code == 0, err
     assert "scene.tif:" in out and "scores: iou" in out and "tiles/s" in out
     classes, meta = read_band(tmp_path / "pred" / "scene.tif")
@@ -226,3 +227,13 @@ def test_predict_a_trained_run_end_to_end(tiny_world: Path, tmp_path: Path, caps
     tp = int(((classes == 1) & (truth == 1) & known).sum())
     union = int((((classes == 1) | (truth == 1)) & known).sum())
     assert summary["scenes"][0]["scores"]["metrics"]["iou"] == pytest.approx(tp / union if union else 0.0)
+
+    # A checkpoint folder alone is enough; one from before inference.json falls back to the
+    # statistics of its run's data.root, and says so.
+    (checkpoint / INFERENCE_FILE).unlink()
+    code = main(["predict", str(checkpoint), str(tmp_path / "scene.tif"), "--out", str(tmp_path / "again"), "--plain"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"no {INFERENCE_FILE} (a run from before it was recorded); normalising with {tiny_world / 'stats.json'}" in captured.out
+    again, _ = read_band(tmp_path / "again" / "scene.tif")
+    assert (again != classes).mean() < 1e-3  # the same normalisation (threads may move a borderline pixel)
