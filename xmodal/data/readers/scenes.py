@@ -559,10 +559,16 @@ def _relative(path: Path, root: Path) -> str:
     return os.path.relpath(path, root)
 
 
-def _unique_stems(paths: list[Path]) -> dict[Path, str]:
-    """A short unique name per scene: its stem, or its path without suffix when stems repeat."""
+def _unique_stems(paths: list[Path], base: Path) -> dict[Path, str]:
+    """A short unique name per scene: its stem, or its path below ``base`` when stems repeat."""
     stems = [p.stem for p in paths]
-    return {p: (p.stem if stems.count(p.stem) == 1 else str(p.with_suffix("")).strip("/").replace("/", "_")) for p in paths}
+
+    def name(path: Path) -> str:
+        if stems.count(path.stem) == 1:
+            return path.stem
+        return _relative(path.with_suffix(""), base).replace("../", "up_").replace("/", "_")
+
+    return {p: name(p) for p in paths}
 
 
 def _same_bands(bandsets: dict[Path, BandSet], modality: str) -> BandSet:
@@ -671,8 +677,8 @@ class ScenesReader(Reader):
         optical_bands = _same_bands(
             {p: scene_bands(p, "optical", spec.optical.bands, spec.optical.unit) for p in spec.optical.files}, "optical"
         )
-        sar_names = _unique_stems(spec.sar.files)
-        optical_names = _unique_stems(spec.optical.files)
+        sar_names = _unique_stems(spec.sar.files, data_root)
+        optical_names = _unique_stems(spec.optical.files, data_root)
         optical_grids = {p: scene_grid(p) for p in spec.optical.files}
         label_extents: dict[str, dict[Path, Any]] = {name: {} for name in spec.labels}
 
