@@ -59,11 +59,11 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------------ formats
-def test_sar_scenes_are_float32_db_in_utm_32_at_10_m_with_a_swath_edge(written):
+def test_sar_scenes_are_float32_db_in_utm_32_at_2_m_with_a_swath_edge(written):
     for relative in (*written.sar, written.new_sar):
         with rasterio.open(written.out / relative) as src:
             assert src.crs == CRS.from_epsg(32632)
-            assert src.res == (10.0, 10.0) and (src.height, src.width) == (SIZE, SIZE)
+            assert src.res == (2.0, 2.0) and (src.height, src.width) == (SIZE, SIZE)
             assert src.dtypes == ("float32", "float32")
             assert src.descriptions == ("VV", "VH")
             assert [src.tags(band)["unit"] for band in (1, 2)] == ["dB", "dB"]
@@ -78,11 +78,11 @@ def test_sar_scenes_are_float32_db_in_utm_32_at_10_m_with_a_swath_edge(written):
         assert -30.0 < float(np.median(data[:, ~missing])) < 0.0
 
 
-def test_optical_scenes_are_uint16_reflectance_in_utm_33_at_20_m(written):
+def test_optical_scenes_are_uint16_reflectance_in_utm_33_at_4_m(written):
     for relative in written.optical:
         with rasterio.open(written.out / relative) as src:
             assert src.crs == CRS.from_epsg(32633)
-            assert src.res == (20.0, 20.0) and (src.height, src.width) == (SIZE // 2, SIZE // 2)
+            assert src.res == (4.0, 4.0) and (src.height, src.width) == (SIZE // 2, SIZE // 2)
             assert set(src.dtypes) == {"uint16"}
             assert src.descriptions == ("B02", "B03", "B04", "B08")
             assert {src.tags(band)["unit"] for band in range(1, src.count + 1)} == {"reflectance_x1e4"}
@@ -201,7 +201,7 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, kwargs, 
 def test_command_writes_the_scenes(tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["data", "synth-scenes", str(out), "--seed", "1", "--size", "128", "--scenes", "1"]) == 0
-    assert "wrote 1 SAR/optical scene pair (128 px, EPSG:32632 at 10 m; EPSG:32633 at 20 m)" in capsys.readouterr().out
+    assert "wrote 1 SAR/optical scene pair (128 px, EPSG:32632 at 2 m; EPSG:32633 at 4 m)" in capsys.readouterr().out
     for relative in ("sar/scene_00.tif", "optical/scene_00.tif", "labels/buildings.geojson", "scenes.yaml",
                      "new/scene_new.tif", "new/buildings.geojson"):
         assert (out / relative).is_file(), relative

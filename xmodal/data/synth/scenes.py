@@ -5,8 +5,8 @@ optical scenes in two different UTM zones and resolutions, building footprints a
 lon/lat, a ``scenes.yaml`` listing them, and a held-out SAR scene of other ground with its own
 footprints::
 
-    OUT/sar/scene_00.tif          VV, VH in dB (float32, NaN no-data), EPSG:32632, 10 m (pixel_size)
-    OUT/optical/scene_00.tif      B02, B03, B04, B08 as reflectance x 1e4 (uint16, 0 no-data), EPSG:32633, 20 m
+    OUT/sar/scene_00.tif          VV, VH in dB (float32, NaN no-data), EPSG:32632, 2 m (pixel_size)
+    OUT/optical/scene_00.tif      B02, B03, B04, B08 as reflectance x 1e4 (uint16, 0 no-data), EPSG:32633, 4 m
     OUT/labels/buildings.geojson  building polygons, WGS 84 lon/lat (RFC 7946)
     OUT/scenes.yaml               the three lists above
     OUT/new/scene_new.tif         a held-out SAR scene of other ground
@@ -17,8 +17,9 @@ world's own :func:`~xmodal.data.synth.scene.build_scene`, :func:`~xmodal.data.sy
 and :func:`~xmodal.data.synth.optical.render_optical` with the world's default physics, on one
 grid in the SAR's CRS at the SAR's pixel size. Region 0 of the seed's world gives the style (urban
 form, vegetation, water) of every scene. The world's objects keep their sizes in metres whatever
-the pixel: at the default 10 m (Sentinel-1 GRD spacing) most buildings are one or two pixels, as
-they are to Sentinel-1; ``pixel_size=2`` gives the world's own scale. Geometry:
+the pixel: the default 2 m is the world's own scale (a Capella-like strip with a 4 m optical
+image); at ``pixel_size=10`` (Sentinel-1 GRD spacing) most buildings are one or two pixels, as
+they are to Sentinel-1, and the footprint file grows to ~100,000 specks per 10 km scene. Geometry:
 
 * Each scene lies near 12 deg E, 48 deg N, on the border of UTM zones 32 and 33, so both CRSs are
   valid there; training scenes follow one another southwards, ``1.5`` scene widths apart (their
@@ -68,7 +69,7 @@ from xmodal.progress import track
 SAR_CRS = "EPSG:32632"  # UTM zone 32N (6-12 deg E)
 OPTICAL_CRS = "EPSG:32633"  # UTM zone 33N (12-18 deg E)
 LABELS_CRS = "EPSG:4326"  # RFC 7946: GeoJSON is WGS 84 lon/lat, without a crs member
-DEFAULT_PIXEL_M = 10.0  # SAR pixel; the optical pixel is OPTICAL_PIXEL_FACTOR times coarser
+DEFAULT_PIXEL_M = 2.0  # SAR pixel (a Capella-like strip; the world's buildings are drawn for it); the optical pixel is OPTICAL_PIXEL_FACTOR times coarser
 OPTICAL_PIXEL_FACTOR = 2
 PIXEL_RANGE_M = (0.5, 30.0)
 # Centre of the first SAR scene: just west of 12 deg E, the border of zones 32 and 33.
@@ -92,7 +93,7 @@ MIN_SIZE, MAX_SIZE = 128, 8192
 MAX_SCENES = 20
 HELD_OUT = "new"
 OPTICAL_NODATA = 0
-COORDINATE_DECIMALS = 7  # 1e-7 deg is about 1 cm: vertices stay on the 10 m pixel edges
+COORDINATE_DECIMALS = 7  # 1e-7 deg is about 1 cm: vertices stay on the pixel edges
 _SCENES_TAG = 0x5CE2E5
 _HELD_OUT_INDEX = 1_000_000  # stream key of the held-out scene, never a training index
 _STREAMS = ("layout", "optical", "sar")
@@ -394,11 +395,11 @@ def synth_scenes(
     Args:
         out: Folder to write (created; files of the same names are replaced).
         seed: World seed (default 0).
-        size: Side of each SAR scene in pixels (default 1024: 10 km at 10 m); a multiple of 16 in
+        size: Side of each SAR scene in pixels (default 1024: 2 km at 2 m); a multiple of 16 in
             [128, 8192]. The optical scenes cover the same width with half as many pixels.
         scenes: Number of SAR/optical training pairs (default 1), up to 20.
-        pixel_size: SAR pixel size in metres (default 10, Sentinel-1 GRD's spacing; at 10 m most of
-            the world's buildings are one or two pixels, 2 m is the world's own scale); the
+        pixel_size: SAR pixel size in metres (default 2, the world's own scale; at 10 m,
+            Sentinel-1 GRD's spacing, most of the world's buildings are one or two pixels); the
             optical pixel is twice as coarse.
 
     Returns:
