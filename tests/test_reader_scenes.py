@@ -387,7 +387,7 @@ def test_block_split_keeps_overlapping_tiles_apart_across_scenes(tmp_path: Path)
     assert manifest.info.extra["split"]["unassigned_overlapping"] > 0
 
 
-def test_a_scene_larger_than_a_load_is_read_by_window(tmp_path: Path):
+def test_a_scene_larger_than_a_load_is_read_by_window(tmp_path: Path, monkeypatch):
     folder = tmp_path / "big"
     folder.mkdir()
     size, pixel = 4096, 10.0
@@ -407,16 +407,33 @@ def test_a_scene_larger_than_a_load_is_read_by_window(tmp_path: Path):
     listing = write_listing(folder, {"sar": {"files": ["sar.tif"]}, "optical": {"files": ["optical.tif"]}, "tiles": {"size": 256}})
     scene_bytes = 2 * size * size * 4
 
+    # Every pixel read from a file, as (file, pixels read, pixels returned): windows and decimated reads.
+    reads: list[tuple[str, int, int]] = []
+    original = rasterio.io.DatasetReader.read
+
+    def counting_read(self, indexes=None, out=None, window=None, out_shape=None, **kwargs):
+        data = original(self, indexes, out=out, window=window, out_shape=out_shape, **kwargs)
+        read_px = (int(window.height) * int(window.width)) if window is not None else self.height * self.width
+        reads.append((Path(self.name).name, read_px, data.shape[-2] * data.shape[-1]))
+        return data
+
+    monkeypatch.setattr(rasterio.io.DatasetReader, "read", counting_read)
     tracemalloc.start()
     try:
         manifest = ScenesReader.index(listing).manifest
         _, index_peak = tracemalloc.get_traced_memory()
+        index_reads = list(reads)
+        reads.clear()
         tracemalloc.reset_peak()
         sample = load(manifest, manifest.records[len(manifest) // 2])
         _, load_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert len(manifest) == 256 and sample.sar.shape == (2, 256, 256) and np.isfinite(sample.optical).all()
+    # Index: the SAR is read once, decimated (GDAL walks its blocks; Python never holds more than the small result).
+    assert [(name, out) for name, _, out in index_reads if name == "sar.tif"] == [("sar.tif", 128 * 128)]
+    # Load: the SAR is read as exactly its 256 x 256 window.
+    assert [(name, px) for name, px, _ in reads if name == "sar.tif"] == [("sar.tif", 256 * 256)]
     assert index_peak < scene_bytes / 16, f"index peaked at {index_peak / 2**20:.1f} MiB"
     assert load_peak < scene_bytes / 16, f"load peaked at {load_peak / 2**20:.1f} MiB"
 
