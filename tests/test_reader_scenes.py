@@ -253,6 +253,15 @@ def test_vector_labels_rasterise_onto_the_expected_pixels(tmp_path: Path):
     np.testing.assert_array_equal(parcels, np.array([0, 1, 2, 1])[expected])  # GPKG in EPSG:3035, field burnt
     assert all(record_layers(r) == {"buildings": "buildings.geojson", "parcels": "parcels.gpkg"} for r in manifest.records)
 
+    # One layer from several files: every file's features are burnt, whichever file comes first.
+    folder = listing.parent
+    write_geojson(folder / "north.geojson", building_squares()[:1])
+    write_geojson(folder / "south.geojson", building_squares()[1:])
+    body = yaml.safe_load(listing.read_text())
+    body["labels"] = {"buildings": {"files": ["north.geojson", "south.geojson"], "coverage": "all"}}
+    manifest = ScenesReader.index(write_listing(folder, body)).manifest
+    np.testing.assert_array_equal(mosaic(manifest, manifest.records, "mask", mask_layer="buildings"), buildings)
+
 
 def test_vector_labels_cover_only_the_box_of_their_features_by_default(tmp_path: Path):
     folder = tmp_path / "scenes"

@@ -867,7 +867,12 @@ class ScenesReader(Reader):
 
     @staticmethod
     def _read_layer(layer: str, extra: dict[str, Any], info: DatasetInfo, data_root: Path, grid: RasterGrid) -> np.ndarray:
-        """One label layer on the tile grid: the first file with a known value wins at each pixel."""
+        """One label layer on the tile grid, from every file covering the tile.
+
+        A raster's known value fills pixels still unknown (the first file listed wins); a vector's
+        features (non-zero) win over another file's background, so buildings split over several
+        files are all burnt.
+        """
         ignore = info.ignore_index
         mask = np.full((grid.height, grid.width), ignore, dtype=np.int64)
         settings = info.extra.get("labels", {}).get(layer, {})
@@ -888,7 +893,10 @@ class ScenesReader(Reader):
                     f"{path}: label value {int(values[bad][0])} outside layer {layer!r}'s {classes} classes "
                     f"{info.layers[layer].classes} (0..{classes - 1}, {ignore} = unknown)"
                 )
-            fill = (mask == ignore) & (values != ignore)
+            takes = mask == ignore
+            if _is_vector(path):
+                takes |= values != 0
+            fill = takes & (values != ignore)
             mask[fill] = values[fill]
         return mask
 
