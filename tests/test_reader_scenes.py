@@ -138,15 +138,15 @@ def write_geojson(path: Path, boxes) -> Path:
     return path
 
 
-def write_gpkg(path: Path, boxes, crs: str = GPKG_CRS, kinds: list[int] | None = None) -> Path:
-    """A GeoPackage in ``crs`` written through pyogrio's raw API (no geopandas), with a ``kind`` field."""
+def write_gpkg(path: Path, boxes, crs: str = GPKG_CRS, kinds: list[int] | None = None, driver: str = "GPKG") -> Path:
+    """A GeoPackage (or Shapefile) in ``crs`` written through pyogrio's raw API (no geopandas), with a ``kind`` field."""
     import pyogrio.raw
     import shapely
 
     geometries = shapely.to_wkb([shapely.Polygon(ring(b, crs)) for b in boxes])
     kinds = kinds or list(range(1, len(boxes) + 1))
     pyogrio.raw.write(str(path), geometries, [np.asarray(kinds, dtype=np.int32)], ["kind"], geometry_type="Polygon",
-                      crs=crs, driver="GPKG")
+                      crs=crs, driver=driver)
     return path
 
 
@@ -486,10 +486,14 @@ def test_detection_of_a_listing_a_folder_and_a_scenes_folder(tmp_path: Path):
     write_optical(folder / "optical" / "s2.tif")
     (folder / "labels").mkdir()
     write_geojson(folder / "labels" / "buildings.geojson", building_squares())
+    write_gpkg(folder / "labels" / "footprints.shp", building_squares(), crs=OPTICAL_CRS, driver="ESRI Shapefile")
     assert detect_reader(folder) is ScenesReader
     manifest = ScenesReader.index(folder, tile_size=32).manifest
-    assert set(manifest.info.layers) == {"buildings"} and len(manifest) == 16
+    assert set(manifest.info.layers) == {"buildings", "footprints"} and len(manifest) == 16
     assert manifest.records[0]["sar_path"] == "sar/s1.tif"
+    shapefile = mosaic(manifest, manifest.records, "mask", mask_layer="footprints")  # the next zone's Shapefile
+    np.testing.assert_array_equal(shapefile[shapefile != 255], (expected_buildings(building_squares()) > 0)[shapefile != 255])
+    assert (shapefile == 1).sum() == (expected_buildings(building_squares()) > 0).sum()
     other = tmp_path / "notes.txt"
     other.write_text("x")
     with pytest.raises(DataError, match=r"notes\.txt: neither a folder nor a file"):
