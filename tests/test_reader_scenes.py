@@ -395,6 +395,13 @@ def test_block_split_keeps_overlapping_tiles_apart_across_scenes(tmp_path: Path)
     assert all(len(s - {"unassigned"}) <= 1 for s in by_bounds.values())
     assert manifest.info.extra["split"]["unassigned_overlapping"] > 0
 
+    # The same ground tiled in two CRSs would escape the leakage check: refused until one CRS is stated.
+    write_sar(folder / "s1_20240613.tif", crs=OPTICAL_CRS, origin=optical_origin(SAR_SIZE // 2))  # same ground, zone 33
+    with pytest.raises(DataError, match=r"s1_20240601\.tif \(EPSG:32632\) and .*s1_20240613\.tif \(EPSG:32633\) cover the same ground"):
+        ScenesReader.index(listing)
+    manifest = ScenesReader.index(listing, crs=SAR_CRS, resolution=SAR_PIXEL).manifest
+    assert {r["crs"] for r in manifest.records} == {SAR_CRS} and find_leaks(manifest.records) == []
+
 
 def test_a_scene_larger_than_a_load_is_read_by_window(tmp_path: Path, monkeypatch):
     folder = tmp_path / "big"

@@ -571,6 +571,26 @@ def _unique_stems(paths: list[Path], base: Path) -> dict[Path, str]:
     return {p: name(p) for p in paths}
 
 
+def _refuse_overlap_across_crs(grids: dict[Path, RasterGrid], source: str) -> None:
+    """Refuse SAR scenes tiled in different CRSs that cover the same ground.
+
+    Splits and the leakage check compare tile footprints within one CRS; the same ground tiled in
+    two CRSs could put one place in train and in test unnoticed.
+
+    Raises:
+        DataError: Naming both scenes and their CRSs.
+    """
+    items = list(grids.items())
+    for position, (path_a, grid_a) in enumerate(items):
+        for path_b, grid_b in items[position + 1 :]:
+            if grid_a.crs != grid_b.crs and _boxes_intersect(grid_a.bounds, footprint_in(grid_b, grid_a.crs)):
+                raise DataError(
+                    f"{source}: SAR scenes {path_a} ({grid_a.crs}) and {path_b} ({grid_b.crs}) cover the same ground in "
+                    "different CRSs, where the leakage check cannot compare their tiles; state target.crs (and "
+                    "target.resolution) so both are tiled on one CRS"
+                )
+
+
 def _same_bands(bandsets: dict[Path, BandSet], modality: str) -> BandSet:
     """The one band set every scene of a modality shares; refuses a mismatch naming both files."""
     items = list(bandsets.items())
@@ -688,10 +708,12 @@ class ScenesReader(Reader):
         records: list[dict[str, Any]] = []
         skipped: list[Skipped] = []
         pixel_sizes: dict[Path, float] = {}
+        tiling_grids: dict[Path, RasterGrid] = {}
         for sar_path in spec.sar.files:
             sar_grid = scene_grid(sar_path)
             grid = target_grid(sar_grid, spec.target_crs, spec.target_resolution)
             pixel_sizes[sar_path] = grid.pixel_size
+            tiling_grids[sar_path] = grid
             windows = tile_windows(grid.height, grid.width, size, stride)
             if not windows:
                 skipped.append(Skipped(str(sar_path), f"its grid ({grid.height}x{grid.width} px) is smaller than one {size} px tile"))
@@ -725,6 +747,7 @@ class ScenesReader(Reader):
         if not records:
             first = skipped[0].reason if skipped else "?"
             raise DataError(f"{spec.source}: no tile could be cut from these scenes; first problem: {first}")
+        _refuse_overlap_across_crs(tiling_grids, spec.source)
         sizes = sorted(set(round(v, 6) for v in pixel_sizes.values()))
         if len(sizes) > 1:
             raise DataError(
