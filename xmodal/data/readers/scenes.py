@@ -661,7 +661,10 @@ class ScenesReader(Reader):
           label is no-data.
         * ``region`` is the SAR scene's stem. Splits are geographic: with ``by: blocks``, ground
           blocks are allocated across all scenes of one CRS (a time series of one place puts each
-          block in one split); tiles overlapping a held-out tile are left ``unassigned``.
+          block in one split); tiles overlapping a held-out tile are left ``unassigned``. SAR
+          scenes covering the same ground in different CRSs are refused (the leakage check compares
+          tiles within one CRS): state ``target.crs``. ``xmodal data split`` re-splits without that
+          repair, so overlapping tiles (``stride < size``) are then caught by the leakage check.
     """
 
     name = "scenes"
