@@ -153,7 +153,10 @@ def _ray_results(job: PredictionJob, windows: list[tuple[int, int, int]], settin
         gpu = settings.device.startswith("cuda")
         available = int(resources.get("GPU" if gpu else "CPU", 0))
         if available < 1:
-            raise ConfigError(f"--device {settings.device}: the Ray cluster has no {'GPU' if gpu else 'CPU'} ({resources})")
+            raise ConfigError(
+                f"--device {settings.device}: the Ray cluster has no {'GPU' if gpu else 'CPU'} "
+                f"(CPU {resources.get('CPU', 0):g}, GPU {resources.get('GPU', 0):g})"
+            )
         workers = min(settings.workers or available, max(1, math.ceil(len(windows) / settings.batch_size)))
         log(f"predict: {workers} Ray Data predictor actor(s) x 1 {'GPU' if gpu else 'CPU'}, batches of {settings.batch_size} windows")
         items = [{"scene": s, "row": r, "col": c} for s, r, c in windows]
@@ -241,6 +244,8 @@ def predict(settings: PredictSettings, *, log: Callable[[str], None] = print, mo
     if len(set(stems)) != len(stems):
         raise ConfigError(f"scenes {settings.scenes}: two share a file name ({sorted(s for s in stems if stems.count(s) > 1)[0]!r}); their outputs would overwrite each other")
     _check_labels(settings.labels)
+    if settings.device.startswith("cuda") and settings.plain and not torch.cuda.is_available():
+        raise ConfigError(f"--device {settings.device}: this machine has no CUDA GPU that torch can use")
     if model is not None and not settings.plain:
         raise ConfigError("a stub model runs in this process only: use plain=True")
     out = Path(settings.out)
@@ -278,11 +283,15 @@ def predict(settings: PredictSettings, *, log: Callable[[str], None] = print, mo
         "seconds": round(seconds, 2),
         "inference_seconds": round(outputs["seconds"], 2),
         "tiles_per_s": round(len(windows) / max(outputs["seconds"], 1e-9), 2),
+        # Until the first window came back (Ray and actor start, model load), and the rate after it.
+        "startup_seconds": round(outputs["startup"], 2) if outputs["startup"] is not None else None,
+        "steady_tiles_per_s": round(outputs["steady"], 2) if outputs["steady"] is not None else None,
     }
     (out / SUMMARY_FILE).write_text(json.dumps(json_safe(summary), indent=2, default=str))
     log(
-        f"predict: {len(windows)} windows of {len(scenes)} scene(s) in {outputs['seconds']:.1f} s ({summary['tiles_per_s']:.1f} tiles/s; "
-        f"{seconds:.1f} s in all); summary {out / SUMMARY_FILE}"
+        f"predict: {len(windows)} windows of {len(scenes)} scene(s) in {outputs['seconds']:.1f} s ({summary['tiles_per_s']:.1f} tiles/s"
+        + (f"; {summary['steady_tiles_per_s']:.1f} tiles/s after {summary['startup_seconds']:.1f} s of start-up" if summary["steady_tiles_per_s"] else "")
+        + f"; {seconds:.1f} s in all); summary {out / SUMMARY_FILE}"
     )
     return summary
 
@@ -296,11 +305,13 @@ def _blend_and_write(
     expected = np.bincount([s for s, _, _ in windows], minlength=len(scenes))
     written: dict[int, SceneOutput] = {}
     progress = _Progress(len(windows))
-    began = time.time()
+    began, first = time.time(), None
     with tempfile.TemporaryDirectory(prefix=".predict-scratch-", dir=out) as scratch:
         canvases: dict[int, SceneCanvas] = {}
         try:
             for batch in results:
+                if first is None:  # the predictors are up (Ray start, actor start, model load)
+                    first = (time.time(), len(batch["scene"]))
                 for index in range(len(batch["scene"])):
                     scene_index = int(batch["scene"][index])
                     if scene_index not in canvases:
@@ -318,7 +329,9 @@ def _blend_and_write(
     missing = [scenes[i].path for i in range(len(scenes)) if i not in written]
     if missing:
         raise DataError(f"predict: the predictors returned no result for every window of {missing}")
-    return {"scenes": [written[i] for i in range(len(scenes))], "seconds": time.time() - began}
+    ended = time.time()
+    steady = (len(windows) - first[1]) / (ended - first[0]) if first and ended > first[0] and len(windows) > first[1] else None
+    return {"scenes": [written[i] for i in range(len(scenes))], "seconds": ended - began, "startup": first[0] - began if first else None, "steady": steady}
 
 
 def _finish(
