@@ -300,6 +300,9 @@ def test_raster_labels_land_by_nearest_with_no_data_unknown(tmp_path: Path):
             "labels": {"landcover": {"files": ["landcover.tif"]}}, "tiles": {"size": 32}}
     manifest = ScenesReader.index(write_listing(folder, body)).manifest
     assert manifest.info.layers["landcover"].classes == ["water", "field", "forest"]  # from the file's tag
+    # No split stated: 16 tiles of ground get 1-tile blocks, so even this small scene holds out val and test.
+    assert manifest.info.extra["split"]["block_size"] == 32 * SAR_PIXEL
+    assert {r["split"] for r in manifest.records} == {"train", "val", "test"}
     mask = mosaic(manifest, manifest.records, "mask", mask_layer="landcover")
     # Truth at each SAR pixel centre: which side of the feature's easting (in zone 33) it lies on.
     xs, ys = pixel_centres(sar_origin(), SAR_PIXEL, SAR_SIZE, SAR_SIZE)

@@ -73,8 +73,10 @@ COVERAGES = ("bounds", "all")
 LOOK_DIRECTIONS = ("east", "west", "north", "south")
 DEFAULT_TILE_SIZE = 256
 DEFAULT_MIN_VALID = 0.5
-# Default split block: this many tiles of ground on a side (a multiple of the tile size).
-DEFAULT_BLOCK_TILES = 8
+# Default split block: a whole number of tiles of ground on a side, at most this many, and small
+# enough that the largest scene spans about MIN_BLOCKS blocks (a small scene still gets val/test).
+MAX_BLOCK_TILES = 8
+MIN_BLOCKS = 10
 # The validity test at index time reads scenes decimated to about this many cells per tile side.
 VALIDITY_CELLS_PER_TILE = 8
 
@@ -571,6 +573,16 @@ def _unique_stems(paths: list[Path], base: Path) -> dict[Path, str]:
     return {p: name(p) for p in paths}
 
 
+def default_block_tiles(records: list[dict[str, Any]], size: int, stride: int) -> int:
+    """Side of the default split block in tiles: about :data:`MIN_BLOCKS` blocks over the largest
+    scene's tiles (counted as ground, so overlapping windows count once), within 1..MAX_BLOCK_TILES."""
+    per_scene: dict[str, int] = {}
+    for record in records:
+        per_scene[record["region"]] = per_scene.get(record["region"], 0) + 1
+    ground_tiles = max(per_scene.values()) * (stride / size) ** 2
+    return int(min(MAX_BLOCK_TILES, max(1, math.floor(math.sqrt(ground_tiles / MIN_BLOCKS)))))
+
+
 def _refuse_overlap_across_crs(grids: dict[Path, RasterGrid], source: str) -> None:
     """Refuse SAR scenes tiled in different CRSs that cover the same ground.
 
@@ -641,7 +653,8 @@ class ScenesReader(Reader):
         * ``tiles``: ``size`` (256), ``stride`` (``size``; smaller strides overlap), ``min_valid``
           (0.5: the share of a tile where SAR and optical both hold data).
         * ``split``: :class:`~xmodal.data.splits.SplitSettings` keys; default ``by: blocks`` with
-          blocks of 8 tiles of ground on a side.
+          blocks of ``b`` tiles of ground on a side, ``b`` = sqrt(tiles of the largest scene /
+          10) rounded down, within 1..8 (a small scene still spans several blocks).
 
     Reader options (``xmodal data index PATH --option tile_size=128 stride=64``, or
     ``data.reader_options``) take the same keys (``tiles.size=128``, ``split.seed=1``) plus the
@@ -759,7 +772,7 @@ class ScenesReader(Reader):
             )
         split_raw = {"by": "blocks", **spec.split}
         if split_raw["by"] == "blocks" and split_raw.get("block_size") is None:
-            split_raw["block_size"] = DEFAULT_BLOCK_TILES * size * sizes[0]
+            split_raw["block_size"] = default_block_tiles(records, size, stride) * size * sizes[0]
         try:
             settings = SplitSettings.from_dict(split_raw)
         except ConfigError as exc:
