@@ -19,7 +19,7 @@ from xmodal.cli.main import main
 from xmodal.data.geotiff import RasterGrid, write_raster
 from xmodal.data.stats import BandStats, DatasetStats
 from xmodal.engine.results import INFERENCE_FILE
-from xmodal.errors import DataError
+from xmodal.errors import ConfigError, DataError
 from xmodal.losses import predict_classes
 from xmodal.methods.base import Export
 from xmodal.methods.exports import save_exports
@@ -144,6 +144,16 @@ def test_mismatched_bands_units_exports_and_inputs_are_refused_by_name(tmp_path:
 
     with pytest.raises(DataError, match="export 'sar_encoder' is a 'encoder' network .*not a segmenter; segmenter exports here: \\['model'\\]"):
         run(export="sar_encoder")
+    class NeedsMultiplesOf32(nn.Module):
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            if image.shape[-1] % 32:
+                raise RuntimeError(f"input size {image.shape[-1]} is not divisible by 32")
+            return image[:, :1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("xmodal.predict.run.load_segmenter", lambda *args: NeedsMultiplesOf32())
+        with pytest.raises(ConfigError, match="--window 100: export 'model' cannot take 100 x 100 windows .*not divisible by 32.*training tiles were 64 px"):
+            run(window=100)
     (tmp_path / "labels.geojson").write_text('{"type": "FeatureCollection", "features": []}')
     with pytest.raises(DataError, match="labels.geojson: cannot be read as a raster"):
         run(scenes=[str(tmp_path / "labels.geojson")])

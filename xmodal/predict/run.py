@@ -33,6 +33,7 @@ from xmodal.predict.model import (
     choose_export,
     describe_segmenter,
     load_record,
+    load_segmenter,
     resolve_source,
 )
 from xmodal.predict.outputs import SceneCanvas, SceneOutput, check_classes, finish_scene
@@ -118,6 +119,23 @@ def check_scene(path: str, modality: str, record: InferenceRecord, names: list[s
             "convert the scene to the training unit (or state its unit with --unit when the file's tag is wrong)"
         )
     return Scene(str(Path(path).resolve()), grid, bands)
+
+
+def check_window_fits(checkpoint: Path, export: str, segmenter: SegmenterInfo, window: int, tile_size: int) -> None:
+    """Refuse a window the network cannot take (an encoder that halves the size 5 times needs a
+    multiple of 32, some decoders more): one zero window through it, in the driver, before any actor starts.
+
+    Raises:
+        ConfigError: Naming the window and the size training used.
+    """
+    network = load_segmenter(checkpoint, export)
+    try:
+        with torch.inference_mode():
+            shape = tuple(network(torch.zeros(1, segmenter.in_channels, window, window)).shape)
+    except Exception as exc:  # noqa: BLE001 - any failure of the network on this size is the same refusal
+        raise ConfigError(f"--window {window}: export {export!r} cannot take {window} x {window} windows ({type(exc).__name__}: {exc}); its training tiles were {tile_size} px") from None
+    if shape[-2:] != (window, window):
+        raise ConfigError(f"--window {window}: export {export!r} turns {window} x {window} windows into {shape[-2]} x {shape[-1]} maps; its training tiles were {tile_size} px")
 
 
 def _check_labels(labels: list[str]) -> None:
@@ -239,6 +257,8 @@ def predict(settings: PredictSettings, *, log: Callable[[str], None] = print, mo
     window = settings.window or record.tile_size
     overlap = settings.overlap if settings.overlap is not None else window // 4
     check_window(window, overlap)
+    if window != record.tile_size and model is None:
+        check_window_fits(source.checkpoint, export, segmenter, window, record.tile_size)
     scenes = [check_scene(path, segmenter.modality, record, settings.bands, settings.unit) for path in settings.scenes]
     stems = [Path(scene.path).stem for scene in scenes]
     if len(set(stems)) != len(stems):
