@@ -155,3 +155,32 @@ def test_bands_come_from_a_statement_or_the_tags_and_an_unknown_unit_is_refused(
     write_raster(tmp_path / "plain.tif", np.zeros((1, 16, 16), np.float32), crs="EPSG:32632", transform=Affine.identity())
     with pytest.raises(DataError, match=r"plain\.tif: has no"):
         scenes.scene_grid(tmp_path / "plain.tif")
+
+
+def test_a_vector_file_is_read_once_and_a_large_one_by_bounding_box(tmp_path, monkeypatch):
+    import pyogrio
+
+    grid = scenes.scene_grid(_sar(tmp_path / "sar.tif", np.zeros((2, 200, 200))))
+    features = [{"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [
+        _polygon_lonlat(X0 + 100 + 200 * i, Y0 - 100, 100)]}} for i in range(8)]
+    (tmp_path / "b.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    reads = []
+    real_read = pyogrio.raw.read
+    monkeypatch.setattr(pyogrio.raw, "read", lambda *a, **k: reads.append(k.get("bbox")) or real_read(*a, **k))
+    tiles = [scenes.window_grid(grid, 0, col, 50, 50) for col in range(0, 200, 50)]
+    whole = scenes.rasterise_vector(tmp_path / "b.geojson", grid)
+    for tile, col in zip(tiles, range(0, 200, 50)):
+        np.testing.assert_array_equal(scenes.rasterise_vector(tmp_path / "b.geojson", tile), whole[:50, col:col + 50])
+    assert reads == [None]  # once, whole, for the five grids
+    monkeypatch.setattr(scenes, "VECTOR_CACHE_BYTES", 0)
+    with pytest.raises(DataError, match=r"b\.geojson: .*without a spatial index; convert it to a GeoPackage"):
+        scenes.rasterise_vector(tmp_path / "b.geojson", tiles[0])
+    import shapely
+
+    lonlat = shapely.from_geojson(json.dumps({"type": "FeatureCollection", "features": features}))
+    parts = np.array([shapely.to_wkb(g) for g in shapely.get_parts(lonlat)], dtype=object)
+    pyogrio.raw.write(str(tmp_path / "b.gpkg"), parts, field_data=[], fields=[], geometry_type="Polygon", crs="EPSG:4326", driver="GPKG")
+    reads.clear()
+    for tile, col in zip(tiles, range(0, 200, 50)):
+        np.testing.assert_array_equal(scenes.rasterise_vector(tmp_path / "b.gpkg", tile), whole[:50, col:col + 50])
+    assert len(reads) == 4 and all(bbox is not None for bbox in reads)
