@@ -260,3 +260,27 @@ def test_the_cached_index_of_a_raw_folder_is_keyed_by_its_reader_options(tmp_pat
     clash = DataSettings(root=str(root), mask_layer=None, prepared_dir=str(index_folder(urban)), reader_options={"classes": "low-rise"})
     with pytest.raises(ConfigError, match=r"indexed with reader options \{'classes': 'urban'\}"):
         resolve_manifest(clash)
+
+
+def test_an_index_kept_from_an_older_reader_version_is_made_again(tmp_path: Path, monkeypatch):
+    """A raw folder indexed before a reader fix (So2Sat v4 footprints, say) must not train on the stale index."""
+    import json
+
+    from xmodal.data.prepared import INDEXED_BY_FILE, DataSettings, index_folder, prepare_data, resolve_manifest
+
+    root = make_so2sat(tmp_path / "so2sat", "2")
+    settings = DataSettings(root=str(root), mask_layer=None, tile_size=32)
+    prepared = index_folder(settings)
+    prepare_data(settings)  # index + statistics
+    assert json.loads((prepared / INDEXED_BY_FILE).read_text()) == {"reader": "so2sat", "version": So2SatReader.version}
+    marker = (prepared / "stats.json").stat().st_mtime_ns
+    resolve_manifest(settings)
+    assert (prepared / "stats.json").stat().st_mtime_ns == marker  # current: read back as it is
+    monkeypatch.setattr(So2SatReader, "version", So2SatReader.version + 1)
+    resolve_manifest(settings)
+    assert json.loads((prepared / INDEXED_BY_FILE).read_text())["version"] == So2SatReader.version
+    assert not (prepared / "stats.json").exists()  # the old statistics went with the old index
+    prepare_data(settings)
+    (prepared / INDEXED_BY_FILE).unlink()  # an index from before versions were recorded counts as version 1
+    resolve_manifest(settings)
+    assert (prepared / INDEXED_BY_FILE).is_file()

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from xmodal.data.labels import LabelSettings, choose_labelled, oversample
-from xmodal.data.manifest import DATASET_FILE, STATS_FILE, Manifest
+from xmodal.data.manifest import DATASET_FILE, STATS_FILE, Manifest, declared_reader
 from xmodal.data.readers.base import LoadOptions, detect_reader, get_reader
 from xmodal.data.splits import check_no_leakage
 from xmodal.data.stats import DatasetStats, compute_stats, load_stats, save_stats
@@ -230,15 +230,31 @@ def resolve_manifest(settings: DataSettings) -> Manifest:
                 f"data.prepared_dir {prepared}: indexed with reader options {recorded}, not {settings.reader_options}; "
                 "leave prepared_dir unset (each set of options gets its own index) or delete that folder"
             )
-        return Manifest.load(prepared)
+        if _index_is_current(prepared):
+            return Manifest.load(prepared)
+        # Made by an older version of its reader: statistics describe that index, so both go.
+        for stale in (STATS_FILE, _signature_path(prepared).name):
+            (prepared / stale).unlink(missing_ok=True)
     reader = detect_reader(root)
     result = reader.index(root, **settings.reader_options)
     result.manifest.save(prepared)
     (prepared / READER_OPTIONS_FILE).write_text(json.dumps(settings.reader_options, sort_keys=True))
+    (prepared / INDEXED_BY_FILE).write_text(json.dumps({"reader": reader.name, "version": reader.version}))
     return Manifest.load(prepared)
 
 
 READER_OPTIONS_FILE = "reader_options.json"
+INDEXED_BY_FILE = "indexed_by.json"  # the reader and its version that made a kept index
+
+
+def _index_is_current(prepared: Path) -> bool:
+    """True when the index kept in ``prepared`` was made by its reader's current version (an index
+    from before versions were recorded counts as version 1)."""
+    recorded = json.loads((prepared / INDEXED_BY_FILE).read_text()) if (prepared / INDEXED_BY_FILE).is_file() else {}
+    name = recorded.get("reader") or declared_reader(prepared)
+    if name is None:
+        return False
+    return int(recorded.get("version", 1)) == get_reader(name, source=str(prepared / DATASET_FILE)).version
 
 
 def index_folder(settings: DataSettings) -> Path:

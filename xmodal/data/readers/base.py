@@ -53,6 +53,9 @@ class Reader(ABC):
     description: ClassVar[str]
     # Folder layout shown by ``xmodal data inspect`` and the README.
     layout: ClassVar[str] = ""
+    # Raised when what ``index`` writes changes (footprints, splits, classes, no-data rules): an
+    # index a raw ``data.root`` keeps in its prepared folder is then made again, statistics too.
+    version: ClassVar[int] = 1
     # Suffixes of single files this reader takes as its root (a ``scenes.yaml`` listing); most
     # readers take folders only.
     file_suffixes: ClassVar[tuple[str, ...]] = ()

@@ -230,6 +230,7 @@ class Dfc2020Reader(Reader):
     """DFC2020 validation / test patches (S1 dB, S2 L1C, semi-manual DFC labels), original or Copernicus-Bench copy."""
 
     name = "dfc2020"
+    version = 2  # Copernicus-Bench copy, class sets, S2 no-data only where every band is 0
     description = (
         "DFC2020: 986 validation + 5,128 test patches, S1 (dB) / S2 L1C, 256 px at 10 m, DFC labels 1-10; "
         "also the Copernicus-Bench (TorchGeo) copy"

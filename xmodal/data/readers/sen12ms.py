@@ -553,6 +553,7 @@ class Sen12msReader(Reader):
     """SEN12MS triplets (S1 dB, S2 L1C, MODIS land cover), split by scene."""
 
     name = "sen12ms"
+    version = 2  # class sets, S2 no-data only where every band is 0
     description = "SEN12MS: S1 GRD (dB) / S2 L1C / MODIS IGBP triplets, 256 px at 10 m, 4 seasons"
     layout = (
         "<root>/ROIs{1158_spring,1868_summer,1970_fall,2017_winter}/{s1,s2,lc}_<scene>/"

@@ -326,6 +326,7 @@ class So2SatReader(Reader):
     """So2Sat LCZ42 (v2, v3, v4 geolocation): Sentinel-1/2 patch pairs with LCZ scene labels."""
 
     name = "so2sat"
+    version = 2  # v4 tfw read in either order (footprints)
     description = "So2Sat LCZ42: 32x32 Sentinel-1 (8 ch, linear/complex) + Sentinel-2 (10 bands) patches, 17 LCZ"
     layout = (
         "<root>/{training,validation,testing}.h5 (v2; v4 adds *_geo.h5) or "

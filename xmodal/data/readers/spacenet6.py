@@ -372,6 +372,7 @@ class SpaceNet6Reader(Reader):
     """SpaceNet 6 (MSAW, Rotterdam): SAR-Intensity paired with one optical product, building masks."""
 
     name = "spacenet6"
+    version = 2  # public test tiles unassigned, partial optical downloads
     description = "SpaceNet 6 / MSAW Rotterdam: Capella quad-pol SAR + WorldView-2 optical, building footprints"
     layout = (
         "<root>/SN6_buildings/train/train/AOI_11_Rotterdam/{SAR-Intensity,PS-RGBNIR,PS-RGB,RGBNIR,"

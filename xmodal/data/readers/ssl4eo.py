@@ -185,6 +185,7 @@ class Ssl4eoS12Reader(Reader):
     """SSL4EO-S12 v1: S1 GRD / S2 L1C or L2A, 4 seasons per location, optional Dynamic World labels."""
 
     name = "ssl4eo_s12"
+    version = 2  # S2 no-data only where every band is 0
     description = "SSL4EO-S12 v1: per-band GeoTIFFs of S1 GRD (dB) and S2 L1C/L2A, 4 seasons x 251k locations; DW noisy labels"
     layout = "<root>/{s1,s2c,s2a}/<7-digit location>/<product id>/<BAND>.tif [+ <root>/dw/<location>/<S2 id>/label.tif]"
 
