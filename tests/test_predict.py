@@ -26,7 +26,7 @@ from xmodal.methods.exports import save_exports
 from xmodal.models import build_network
 from xmodal.predict import PredictSettings, predict
 from xmodal.predict.model import class_probabilities
-from xmodal.predict.run import check_scene
+from xmodal.predict.run import _refusal_in, check_scene
 from xmodal.predict.windows import blend_weights, scene_windows, window_starts
 
 VV_MEAN, VV_STD = -12.0, 3.0
@@ -112,6 +112,7 @@ def test_a_model_of_its_own_input_is_reproduced_across_seams_georeferenced(tmp_p
     written = json.loads((tmp_path / "out" / "predict.json").read_text())
     assert written["windows"] == summary["windows"] == 3 * 4 and written["export"] == "model" and written["tiles_per_s"] > 0
     assert written["scenes"][0]["valid_fraction"] == pytest.approx(1 - 600 / (150 * 170))
+    assert written["scenes"][0]["bounds"] == [ORIGIN[0], ORIGIN[1] - 150 * PIXEL, ORIGIN[0] + 170 * PIXEL, ORIGIN[1]]
 
 
 def test_a_scene_smaller_than_the_window_is_padded_as_no_data(tmp_path: Path):
@@ -157,6 +158,17 @@ def test_mismatched_bands_units_exports_and_inputs_are_refused_by_name(tmp_path:
     (tmp_path / "labels.geojson").write_text('{"type": "FeatureCollection", "features": []}')
     with pytest.raises(DataError, match="labels.geojson: cannot be read as a raster"):
         run(scenes=[str(tmp_path / "labels.geojson")])
+    # A file whose header reads but whose pixels do not: the window is named, in one line (through Ray's wrappers too).
+    damaged = tmp_path / "damaged.tif"
+    write_raster(damaged, np.random.default_rng(0).normal(-12, 3, (2, 256, 256)).astype(np.float32), crs=CRS,
+                 transform=from_origin(*ORIGIN, PIXEL, PIXEL), descriptions=["VV", "VH"], band_tags=[{"unit": "dB"}] * 2, compress="deflate")
+    with open(damaged, "r+b") as handle:
+        handle.seek(damaged.stat().st_size // 3)
+        handle.write(b"\x00garbage" * 20_000)
+    with pytest.raises(DataError, match=r"damaged.tif: the window at row \d+, column \d+ cannot be read"):
+        run(scenes=[str(damaged)])
+    ray_text = "ray.exceptions.RayTaskError(UserCodeException): ...\nxmodal.errors.DataError: a.tif: the window at row 0, column 0 cannot be read\n\nThe above"
+    assert _refusal_in(ray_text) == "a.tif: the window at row 0, column 0 cannot be read" and _refusal_in("ValueError: x") is None
     (tmp_path / "unfinished").mkdir()
     with pytest.raises(DataError, match="unfinished: a folder without a checkpoint"):
         run(source=str(tmp_path / "unfinished"))

@@ -105,11 +105,16 @@ def labels_on(path: str | Path, grid: RasterGrid, ignore_index: int, field_name:
 
 @dataclass
 class SceneOutput:
-    """What was written for one scene (paths, sizes, scores)."""
+    """What was written for one scene: its files, its grid (CRS, rows x columns, bounds in the CRS),
+    windows, share of pixels with valid input, class shares and scores."""
 
     scene: str
     classes: str
     preview: str
+    crs: str
+    size: tuple[int, int]
+    bounds: tuple[float, float, float, float]
+    windows: int
     probabilities: str | None = None
     valid_fraction: float = 0.0
     class_fractions: dict[str, float] = field(default_factory=dict)
@@ -171,7 +176,8 @@ def finish_scene(
     total = max(1, int(counts.sum()))
     valid = int(counts[:-1].sum())
     output = SceneOutput(
-        scene=str(scene_path), classes=str(class_path), preview=str(preview_path),
+        scene=str(scene_path), classes=str(class_path), preview=str(preview_path), crs=grid.crs, size=(grid.height, grid.width),
+        bounds=grid.bounds, windows=canvas.windows,
         probabilities=str(probability_path) if probability_path else None,
         valid_fraction=valid / total,
         class_fractions={name: float(counts[i] / max(1, valid)) for i, name in enumerate(class_names)},

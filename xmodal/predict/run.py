@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from torch import nn
 
 from xmodal.data.geotiff import RasterGrid
 from xmodal.data.scenes import scene_bands, scene_grid
-from xmodal.errors import ConfigError, DataError
+from xmodal.errors import ConfigError, DataError, error_line, permanent_cause
 from xmodal.predict.model import (
     InferenceRecord,
     SegmenterInfo,
@@ -189,11 +190,27 @@ def _ray_results(job: PredictionJob, windows: list[tuple[int, int, int]], settin
             num_cpus=1,
             num_gpus=1 if gpu else 0,
         )
-        yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+        try:
+            yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+        except Exception as exc:
+            line = error_line(exc) if permanent_cause(exc) is not None else _refusal_in(str(exc))
+            if line is None:
+                raise
+            raise DataError(line) from exc  # a predictor's refusal, in one line through Ray's wrappers
     finally:
         CONSOLE.log_to(None)
         if started:
             ray.shutdown()
+
+
+_REFUSAL = re.compile(r"xmodal\.errors\.(?:DataError|ConfigError): (.+)")
+
+
+def _refusal_in(text: str) -> str | None:
+    """An actor's DataError / ConfigError line in a Ray Data error, which keeps the actor's
+    traceback as text only (``UserCodeException`` carries no cause)."""
+    found = _REFUSAL.search(text)
+    return found.group(1).strip() if found else None
 
 
 class _Progress:

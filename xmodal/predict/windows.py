@@ -25,7 +25,7 @@ from xmodal.data.geotiff import RasterGrid
 from xmodal.data.scenes import read_on_grid, window_grid
 from xmodal.data.stats import convert_sar
 from xmodal.data.transforms import Preparer
-from xmodal.errors import ConfigError
+from xmodal.errors import ConfigError, DataError
 from xmodal.predict.model import InferenceRecord, class_probabilities, load_segmenter
 
 
@@ -152,7 +152,12 @@ class WindowPredictor:
         scene = self.job.scenes[scene_index]
         grid = window_grid(scene.grid, row, col, self.job.window, self.job.window)
         units = scene.bands.units if self.job.modality == "sar" else None
-        image = read_on_grid(scene.path, grid, self.job.modality, units=units)
+        try:
+            image = read_on_grid(scene.path, grid, self.job.modality, units=units)
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged file fails in GDAL's own words; name the file and window
+            raise DataError(f"{scene.path}: the window at row {row}, column {col} cannot be read ({type(exc).__name__}: {exc})") from None
         return prepare_window(image, self.job.modality, self.job.record, self.preparer)
 
     @torch.inference_mode()
