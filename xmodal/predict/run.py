@@ -119,7 +119,7 @@ def check_scene(path: str, modality: str, record: InferenceRecord, names: list[s
             f"{path}: {modality} units differ from the training data's ({'; '.join(differ)}; {record.source}); "
             "convert the scene to the training unit (or state its unit with --unit when the file's tag is wrong)"
         )
-    return Scene(str(Path(path).resolve()), grid, bands)
+    return Scene(str(Path(path).absolute()), grid, bands)  # not resolved: a link keeps its own name for the outputs
 
 
 def check_window_fits(checkpoint: Path, export: str, segmenter: SegmenterInfo, window: int, tile_size: int) -> None:
