@@ -23,10 +23,11 @@ from xmodal.errors import ConfigError, DataError
 from xmodal.losses import predict_classes
 from xmodal.methods.base import Export
 from xmodal.methods.exports import save_exports
+from xmodal.methods.metrics import SegmentationMeter
 from xmodal.models import build_network
 from xmodal.predict import PredictSettings, predict
 from xmodal.predict.model import class_probabilities
-from xmodal.predict.run import _refusal_in, check_scene
+from xmodal.predict.run import _refusal_in, check_scene, describe_scores
 from xmodal.predict.windows import blend_weights, scene_windows, window_starts
 
 VV_MEAN, VV_STD = -12.0, 3.0
@@ -124,6 +125,24 @@ def test_a_scene_smaller_than_the_window_is_padded_as_no_data(tmp_path: Path):
     assert meta["shape"] == (40, 50) and np.array_equal(classes, ((vv - VV_MEAN) / VV_STD > 0).astype(np.uint8))
 
 
+def test_an_optical_segmenter_reads_optical_scenes(tmp_path: Path):
+    """The same path for the other modality: an optical export, a 4-band reflectance scene
+    (optical values are normalised as stored, never converted)."""
+    checkpoint = stub_checkpoint(tmp_path / "checkpoint")
+    optical = build_network("segmenter", arch="unet", encoder="resnet18", in_channels=4, classes=1, encoder_depth=3, decoder_channels=[16, 8, 8])
+    save_exports({"optical_model": Export(optical, "optical", "optical stub")}, checkpoint)
+    rng = np.random.default_rng(2)
+    reflectance = rng.uniform(0.0, 0.2, size=(4, 70, 90)).astype(np.float32)
+    write_raster(tmp_path / "s2.tif", reflectance, crs=CRS, transform=from_origin(*ORIGIN, PIXEL, PIXEL), nodata=float("nan"),
+                 descriptions=["B02", "B03", "B04", "B08"], band_tags=[{"unit": "reflectance"}] * 4)
+    summary = predict(
+        PredictSettings(str(checkpoint), [str(tmp_path / "s2.tif")], str(tmp_path / "out"), export="optical_model", plain=True),
+        model=ThresholdOfBand0(), log=lambda line: None,
+    )
+    classes, _ = read_band(tmp_path / "out" / "s2.tif")
+    assert summary["modality"] == "optical" and np.array_equal(classes, (reflectance[0] > 0.1).astype(np.uint8))
+
+
 def test_mismatched_bands_units_exports_and_inputs_are_refused_by_name(tmp_path: Path):
     checkpoint = stub_checkpoint(tmp_path / "checkpoint")
     from xmodal.predict.model import InferenceRecord
@@ -202,6 +221,14 @@ def test_scores_are_the_training_metrics_on_known_cases(tmp_path: Path):
         scores[labels] = summary["scenes"][0]["scores"]["metrics"]
     assert scores["same.tif"]["iou"] == 1.0 and scores["same.geojson"]["iou"] == 1.0 and scores["same.tif"]["f1"] == 1.0
     assert scores["shifted.tif"]["iou"] == pytest.approx(1200 / 2000) and scores["shifted.tif"]["f1"] == pytest.approx(2400 / 3200)
+
+
+def test_multi_class_scores_read_as_mean_and_per_class_iou():
+    meter = SegmentationMeter(3, ["water", "trees", "built"], 255)
+    meter.update(torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 0, 1, 2, 2, 255]))
+    metrics, per_class = meter.compute()
+    line = describe_scores({"labels": "lc.tif", "labelled_pixels": 5, "metrics": metrics, "per_class": per_class})
+    assert line == "miou 0.667, accuracy 0.800, average accuracy 0.833; IoU water 1.000, trees 0.500, built 0.500 (5 labelled pixels of lc.tif)"
 
 
 @pytest.mark.ray

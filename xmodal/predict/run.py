@@ -349,6 +349,7 @@ def _blend_and_write(
             for batch in results:
                 if first is None:  # the predictors are up (Ray start, actor start, model load)
                     first = (time.time(), len(batch["scene"]))
+                complete = []
                 for index in range(len(batch["scene"])):
                     scene_index = int(batch["scene"][index])
                     if scene_index not in canvases:
@@ -356,9 +357,11 @@ def _blend_and_write(
                     canvas = canvases[scene_index]
                     canvas.add(int(batch["row"][index]), int(batch["col"][index]), batch["probabilities"][index], batch["valid"][index], weights)
                     if canvas.windows == expected[scene_index]:
-                        written[scene_index] = _finish(canvas, scenes[scene_index], settings, record, out, progress, log, scene_index)
-                        canvases.pop(scene_index).close()  # its accumulators leave the disk now
+                        complete.append(scene_index)
                 progress.update(len(batch["scene"]))
+                for scene_index in complete:
+                    written[scene_index] = _finish(canvases[scene_index], scenes[scene_index], settings, record, out, progress, log, scene_index)
+                    canvases.pop(scene_index).close()  # its accumulators leave the disk now
         finally:
             progress.close()
             for canvas in canvases.values():
