@@ -7,6 +7,11 @@ col) over all scenes runs through ``map_batches`` with :class:`~xmodal.predict.w
 actors (the model loaded once per actor, on CPU or GPU); the driver blends the results as they
 arrive into each scene's on-disk accumulators and writes a scene's outputs as soon as its last
 window is in. ``plain=True`` runs the same predictor in this process without Ray.
+
+Ray is joined at ``RAY_ADDRESS`` when set, else started locally through the engine's
+:func:`~xmodal.engine.session.connect` (the same console and log file handling as runs: Ray's own
+output goes to ``console.log`` in the output folder). On a cluster, the scenes and the checkpoint
+must be readable from every node (a shared folder, or GDAL ``/vsis3/``-style scene paths).
 """
 
 from __future__ import annotations
