@@ -668,8 +668,9 @@ class ScenesReader(Reader):
           8 cells per tile side; never a whole-scene read). Index reads headers and those
           decimated reads only.
         * Load reads only the windows a tile covers: SAR resampled in linear power (then back to
-          the file's unit), optical bilinear, raster labels nearest, vector labels burnt per tile
-          (read by bbox). No-data and NaN become NaN with ``*_valid`` False; labels are 255
+          the file's unit), optical bilinear (the area average where the source is much finer),
+          raster labels nearest, vector labels burnt per tile from features read once per
+          process and indexed (see :func:`~xmodal.data.scenes.rasterise_vector`). No-data and NaN become NaN with ``*_valid`` False; labels are 255
           (unknown) where the SAR has no data, outside every label file and where a raster
           label is no-data.
         * ``region`` is the SAR scene's stem. Splits are geographic: with ``by: blocks``, ground
