@@ -290,7 +290,7 @@ def predict(settings: PredictSettings, *, log: Callable[[str], None] = print, mo
         raise ConfigError(f"--device {settings.device}: this machine has no CUDA GPU that torch can use")
     if model is not None and not settings.plain:
         raise ConfigError("a stub model runs in this process only: use plain=True")
-    out = Path(settings.out)
+    out = Path(settings.out).absolute()  # predict.json names its files wherever it is read from
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
