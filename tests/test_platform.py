@@ -128,6 +128,23 @@ def test_plateau_schedule_steps_on_the_validation_metric_only():
         stepper.end_epoch({"val/loss": 1.0})
 
 
+def test_a_one_cycle_run_resumed_with_more_epochs_goes_on_to_its_new_length():
+    parameter = nn.Parameter(torch.zeros(1))
+    settings = OptimizerSettings(optimizer="sgd", lr=0.1, schedule="onecycle")
+    short = Stepper("main", [parameter], settings, steps_per_epoch=4, epochs=6)
+    for _ in range(24):
+        parameter.grad = torch.ones(1)
+        short.update()
+    extended = Stepper("main", [parameter], settings, steps_per_epoch=4, epochs=30)
+    extended.load_state_dict(short.state_dict())
+    rates = []
+    for _ in range(120 - 24):  # the old length stopped at 25 steps ("Tried to step 26 times")
+        parameter.grad = torch.ones(1)
+        extended.update()
+        rates.append(extended.lr)
+    assert extended.scheduler.last_epoch == 120 and rates[-1] < 1e-3 and max(rates) == pytest.approx(0.1, rel=0.05)
+
+
 def test_named_optimiser_sections_inherit_the_main_one():
     optim = OptimSettings(optimizer="adam", lr=5e-4, betas=(0.9, 0.99), min_lr=5e-5, optimizers={"critic": {"optimizer": "sgd", "lr": 4e-3, "schedule": "constant"}})
     critic = optim.section("critic")

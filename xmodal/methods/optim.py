@@ -278,5 +278,13 @@ class Stepper:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint's optimiser and schedule position.
+
+        A resumed run may have other epochs than the run it resumes (extending training): a
+        one-cycle schedule keeps this run's length and phases, and goes on from the saved step
+        (else it would stop at the old length: "Tried to step N times").
+        """
         self.optimizer.load_state_dict(state["optimizer"])
+        keep = {k: v for k, v in vars(self.scheduler).items() if k in ("total_steps", "_schedule_phases")}
         self.scheduler.load_state_dict(state["scheduler"])
+        vars(self.scheduler).update(keep)
