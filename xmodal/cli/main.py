@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth_scenes.add_argument("--seed", type=int, help="world seed (default 0)")
     synth_scenes.add_argument("--size", type=int, help="SAR scene side in pixels (default 1024)")
     synth_scenes.add_argument("--scenes", type=int, help="SAR/optical training pairs (default 1)")
-    synth_scenes.add_argument("--pixel-size", type=float, help="SAR pixel in metres (default 10; optical twice that)")
+    synth_scenes.add_argument("--pixel-size", type=float, help="SAR pixel in metres (default 2, the world's scale; optical twice that)")
     synth_scenes.set_defaults(func=cmd_data_synth_scenes)
 
     stats = data_commands.add_parser("stats", help="compute per-band statistics of the training split")
