@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+import zipfile
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
 
@@ -30,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 RAY = str(Path(sys.executable).parent / "ray")
 RAY_IMAGE = "rayproject/ray:2.60.0-py311-gpu"
-MUST_EXCLUDE = {".git/", ".venv/", "data/", "runs/"}
+# Top-level folders of a working copy that hold data and results, never code.
+OUTPUT_FOLDERS = ("data", "runs", "results", "demo-out", "out", "checkpoints")
 
 
 # ----------------------------------------------------------------------------- files
@@ -42,19 +45,73 @@ def test_runtime_envs_are_valid_and_keep_data_out_of_the_upload(name: str):
 
     raw = yaml.safe_load((CLUSTER / name).read_text())
     RuntimeEnv(**raw)  # Ray's own validation of the fields
-    assert MUST_EXCLUDE <= set(raw["excludes"]) and "*.pt" in raw["excludes"]
+    assert {f"/{folder}" for folder in OUTPUT_FOLDERS} <= set(raw["excludes"]) and "*.pt" in raw["excludes"]
     assert all(isinstance(v, str) for v in raw["env_vars"].values())
     assert "working_dir" not in raw, "the working dir comes from `ray job submit --working-dir .`"
 
 
+def ray_working_dir_package(working_dir: Path, runtime_env: dict, scratch: Path, include_gitignore: bool = True) -> set[str]:
+    """The files `ray job submit --working-dir <working_dir> --runtime-env <runtime_env>` uploads, packed by
+    Ray's own code on the client's path (dashboard_sdk: upload_working_dir_if_needed -> create_package),
+    with Ray's default excludes, the runtime env's excludes and, unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1
+    (include_gitignore=False), the .gitignore."""
+    from ray._private.runtime_env.packaging import create_package
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    packages: list[Path] = []
+
+    def upload(path: str, excludes: list[str], is_file: bool = False) -> None:
+        packages.append(scratch / f"package-{include_gitignore}-{len(packages)}.zip")
+        create_package(path, packages[-1], include_gitignore=include_gitignore, include_parent_dir=False, excludes=excludes)
+
+    upload_working_dir_if_needed({**runtime_env, "working_dir": str(working_dir)}, include_gitignore=include_gitignore, upload_fn=upload)
+    (package,) = packages
+    with zipfile.ZipFile(package) as zipped:
+        return set(zipped.namelist())
+
+
+@pytest.mark.parametrize("name", ["runtime_env.yaml", "runtime_env.local.yaml"])
+def test_the_uploaded_working_dir_holds_all_the_code_and_no_data(name: str, tmp_path: Path):
+    """Gitignore patterns match at any depth: `data/` once dropped xmodal/data/ from the upload, and
+    the job then ran the image's stale copy (or failed to import it on a stock image).
+
+    The working dir is this repository (every top-level entry linked in, .git and .venv included)
+    with output folders of a real working copy planted next to it."""
+    if shutil.which("git") is None:
+        pytest.skip("git lists the tracked files")
+    working_dir = tmp_path / "checkout"
+    working_dir.mkdir()
+    for entry in REPO.iterdir():
+        if entry.name not in OUTPUT_FOLDERS:
+            (working_dir / entry.name).symlink_to(entry)
+    for folder in OUTPUT_FOLDERS:  # files no extension pattern catches: only the folder's own pattern can
+        (working_dir / folder / "readers").mkdir(parents=True)
+        (working_dir / folder / "readers" / "__init__.py").write_text("")
+        (working_dir / folder / "params.json").write_text("{}")
+    listed = subprocess.run(["git", "ls-files", "-z", "--", "xmodal", "experiments"], cwd=REPO, capture_output=True, check=True).stdout
+    tracked = {f for f in listed.decode().split("\0") if f and (REPO / f).is_file()}  # a file deleted in this checkout is not uploaded
+    readers = {f for f in tracked if f.startswith("xmodal/data/readers/") and f.endswith(".py")}
+    runtime_env = yaml.safe_load((CLUSTER / name).read_text())
+    # The .gitignore also keeps /data/ and /runs/ out; the runtime env must do it alone as well.
+    for include_gitignore in (True, False):
+        names = ray_working_dir_package(working_dir, runtime_env, tmp_path, include_gitignore)
+        assert "xmodal/data/__init__.py" in names and readers and readers <= names
+        assert not tracked - names, f"tracked code left out of the upload: {sorted(tracked - names)[:10]}"
+        for folder in (".git", ".venv") + OUTPUT_FOLDERS:
+            assert not [n for n in names if n.startswith(f"{folder}/")], f"{folder}/ uploaded (include_gitignore={include_gitignore})"
+
+
 @pytest.mark.parametrize("name, provider", [("aws-gpu.yaml", "aws"), ("gcp-gpu.yaml", "gcp")])
 def test_cluster_launcher_configs(name: str, provider: str):
-    import jsonschema
-    import ray.autoscaler
+    from jsonschema import ValidationError
+    from ray.autoscaler._private.util import prepare_config, validate_config
 
     config = yaml.safe_load((CLUSTER / name).read_text())
-    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
-    jsonschema.validate(config, schema)
+    # What `ray up` does with the file before it touches the cloud: defaults merged, then checked
+    # against ray/autoscaler/ray-schema.json, where an unknown key fails.
+    validate_config(prepare_config(config))
+    with pytest.raises(ValidationError, match="registry_login"):
+        validate_config(prepare_config({**config, "docker": {**config["docker"], "registry_login": "x"}}))
     assert config["provider"]["type"] == provider
     types = config["available_node_types"]
     head = types[config["head_node_type"]]
@@ -68,6 +125,22 @@ def test_cluster_launcher_configs(name: str, provider: str):
     head_start = " ".join(config["head_start_ray_commands"])
     assert "RAY_AUTH_MODE=token" in head_start and "--include-dashboard=true" in head_start
     assert all("RAY_AUTH_MODE=token" in " ".join(config[k]) for k in ("head_start_ray_commands", "worker_start_ray_commands"))
+    # Docker on each host logs in to the image's private registry before `ray up` pulls it.
+    registry = config["docker"]["image"].split("/")[0]
+    login = [c for c in config["initialization_commands"] if registry in c]
+    assert login and ("docker login" in login[0] if provider == "aws" else "gcloud auth configure-docker" in login[0]), config["initialization_commands"]
+    # The head launches and removes workers itself: it runs under its own role, the workers under theirs.
+    if provider == "aws":
+        profiles = {n: t["node_config"]["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1] for n, t in types.items()}
+    else:
+        profiles = {n: t["node_config"]["serviceAccounts"][0]["email"].split("@")[0] for n, t in types.items()}
+    head_role = profiles.pop(config["head_node_type"])
+    assert head_role == "xmodal-ray-head" and set(profiles.values()) == {"xmodal-ray-worker"}
+    text = (CLUSTER / name).read_text()
+    rights = ("ec2:RunInstances", "iam:PassRole", "ecr:GetAuthorizationToken", "s3:PutObject") if provider == "aws" else (
+        "roles/compute.instanceAdmin.v1", "roles/iam.serviceAccountUser", "roles/artifactregistry.reader", "roles/storage.objectAdmin")
+    for right in rights:
+        assert right in text and right in (CLUSTER / "README.md").read_text(), right
 
 
 def _containers(template: dict) -> list[dict]:
@@ -102,6 +175,105 @@ def test_kuberay_manifests(name: str, kind: str):
         assert sweep.experiment["scaling"]["use_gpu"] is True
         assert any(o.startswith("sweep.storage=/mnt/shared") for o in overrides) and sweep.parameters
         assert manifest["spec"]["shutdownAfterJobFinishes"] is True
+    # The images' `ray` user (uid 1000, group `users` = 100) must be able to write the shared volume.
+    for group in [head, *groups.values()]:
+        pod = group["template"]["spec"]
+        if any(v.get("persistentVolumeClaim") for v in pod["volumes"]):
+            assert pod.get("securityContext", {}).get("fsGroup") == 100, group.get("groupName", "head")
+
+
+def _k8s_quantity(quantity: str) -> int:
+    """resource.Quantity.Value() of Kubernetes' apimachinery: the amount, rounded up to an integer."""
+    suffixes = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "m": Fraction(1, 1000)}
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", quantity).groups()
+    amount = Fraction(number) * suffixes.get(unit, 1)
+    return -(-amount.numerator // amount.denominator)
+
+
+def kuberay_container_command(group: dict, node_type: str, autoscaling: bool, head_service: str) -> str:
+    """The `bash -c` line the KubeRay operator (v1.7.0; v1.5.1 differs only in a literal `ulimit -n 65536`)
+    runs in a group's Ray container, built as in ray-operator/controllers/ray/common/pod.go:
+    setMissingRayStartParams (address, dashboard-host, metrics-export-port, block,
+    dashboard-agent-listen-port), DefaultHeadPodTemplate (no-monitor with the in-tree autoscaler),
+    generateRayStartCommand + addWellKnownAcceleratorResources (num-cpus, memory, num-gpus from the
+    container's resources), convertParamMap (sorted ` --key=value `, values pasted unquoted; "true" ->
+    ` --key `, "false" dropped, except for the listed boolean options) and BuildPod
+    (`ulimit -n ...; ray start ...`)."""
+    params = dict(group.get("rayStartParams") or {})
+    if node_type == "head":
+        params.setdefault("dashboard-host", "0.0.0.0")
+        if autoscaling:
+            params["no-monitor"] = "true"
+    else:
+        params.setdefault("address", f"{head_service}:6379")
+    params.setdefault("metrics-export-port", "8080")
+    params["block"] = "true"
+    params.setdefault("dashboard-agent-listen-port", "52365")
+    resources = group["template"]["spec"]["containers"][0].get("resources", {})
+    limits, requests = resources.get("limits", {}), resources.get("requests", {})
+    if "num-cpus" not in params and (limits.get("cpu") or requests.get("cpu")):
+        params["num-cpus"] = str(_k8s_quantity(limits.get("cpu") or requests["cpu"]))
+    if "memory" not in params and limits.get("memory"):
+        params["memory"] = str(_k8s_quantity(limits["memory"]))
+    for key in sorted(limits):
+        if "num-gpus" not in params and key.endswith("gpu") and _k8s_quantity(str(limits[key])):
+            params["num-gpus"] = str(_k8s_quantity(str(limits[key])))
+    flags = ""
+    for key in sorted(params):
+        value = params[key]
+        if value.lower() in ("true", "false") and key not in ("log-color", "include-dashboard", "include-log-monitor"):
+            flags += f" --{key} " if value.lower() == "true" else ""
+        else:
+            flags += f" --{key}={value} "
+    start = f"ray start --head {flags}" if node_type == "head" else f"ray start {flags}"
+    return f"ulimit -n ${{RAY_START_ULIMIT_OPEN_FILES:-65536}}; {start}"
+
+
+# Stands in for `ray` on the container's PATH: Ray's own click parser reads the arguments as
+# `ray start` would (its --system-config option type is json.loads), and nothing starts.
+RAY_STUB = """#!{python}
+import json, sys
+import click
+from ray.scripts.scripts import start
+
+assert sys.argv[1] == "start", sys.argv
+try:
+    params = start.make_context("start", sys.argv[2:]).params
+except click.ClickException as exc:
+    sys.exit(f"ray start refused {{sys.argv[2:]}}: {{exc.format_message()}}")
+with open({out!r}, "w") as f:
+    json.dump({{"argv": sys.argv[2:], "system_config": params["system_config"], "head": params["head"],
+               "block": params["block"], "address": params["address"], "num_cpus": params["num_cpus"], "num_gpus": params["num_gpus"]}}, f)
+"""
+
+
+@pytest.mark.parametrize("name, kind", [("raycluster.yaml", "RayCluster"), ("rayjob-sweep.yaml", "RayJob")])
+def test_kuberay_ray_start_commands_parse_under_bash(name: str, kind: str, tmp_path: Path):
+    """The operator puts rayStartParams into a bash command line unquoted: a bare JSON value lost its
+    double quotes there and the head crash-looped on `--system-config`."""
+    (manifest,) = [d for d in yaml.safe_load_all((CLUSTER / "kuberay" / name).read_text()) if d and d["kind"] == kind]
+    spec = manifest["spec"]["rayClusterSpec"] if kind == "RayJob" else manifest["spec"]
+    groups = [("head", spec["headGroupSpec"])] + [("worker", g) for g in spec["workerGroupSpecs"]]
+    (tmp_path / "bin").mkdir()
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "RAY_START_ULIMIT_OPEN_FILES": str(os.sysconf("SC_OPEN_MAX"))}
+    for i, (node_type, group) in enumerate(groups):
+        out = tmp_path / f"start-{i}.json"
+        stub = tmp_path / "bin" / "ray"
+        stub.write_text(RAY_STUB.format(python=sys.executable, out=str(out)))
+        stub.chmod(0o755)
+        command = kuberay_container_command(group, node_type, spec.get("enableInTreeAutoscaling", False), "xmodal-head-svc.default.svc.cluster.local")
+        # utils.GetContainerCommand: the container's command is ["/bin/bash", "-c", "--"], args [the line].
+        ran = subprocess.run(["/bin/bash", "-c", "--", command], env=env, capture_output=True, text=True, timeout=60)
+        assert ran.returncode == 0 and out.exists(), f"{node_type} {group.get('groupName', '')}: {command}\n{ran.stderr[-2000:]}"
+        parsed = json.loads(out.read_text())
+        assert parsed["block"] and parsed["head"] == (node_type == "head")
+        if node_type == "head":
+            assert parsed["system_config"] == {"idle_worker_killing_time_threshold_ms": 600000}
+            assert parsed["num_cpus"] == int(group["rayStartParams"]["num-cpus"])
+        else:
+            assert parsed["address"] == "xmodal-head-svc.default.svc.cluster.local:6379"
+        gpus = group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+        assert parsed["num_gpus"] == (int(gpus) if gpus else None)
 
 
 def test_dockerfile_builds_on_the_ray_gpu_image():
