@@ -434,3 +434,212 @@ def test_a_seeds_only_grid_sweep_repeats_the_config_per_seed():
         raw["sweep"].update({"search": search, "seeds": seeds})
         with pytest.raises(ConfigError, match="sweep.parameters must map"):
             load_sweep(raw)
+
+
+# ----------------------------------------------------------------------------- early stopping, study storage, retries
+
+
+class _Trial:
+    """What a Tune scheduler reads of a trial."""
+
+    def __init__(self, trial_id: str) -> None:
+        self.trial_id = trial_id
+
+
+def _drive_asha(scheduler, metric: str, trials: list[tuple[int, list[float]]], report_epochs: bool) -> list[int | None]:
+    """Run trials one after another through a scheduler as Tune does: a result per epoch (as the
+    engine reports it), then the trial's final report with its test metrics.
+
+    Args:
+        trials: (epochs, metric value at each epoch) per trial.
+        report_epochs: Results carry ``epochs`` (the trial's own last epoch), as the engine's do.
+
+    Returns:
+        The epoch each trial was stopped at, ``None`` for a trial that ran to its final report.
+    """
+    from ray.tune.schedulers import TrialScheduler
+
+    from xmodal.tune.spec import FINAL_KEY
+
+    stopped: list[int | None] = []
+    for index, (epochs, values) in enumerate(trials):
+        trial = _Trial(f"t{index}")
+        scheduler.on_trial_add(None, trial)
+        at = None
+        for epoch, value in enumerate(values, start=1):
+            result = {"epoch": epoch, metric: value, **({"epochs": epochs} if report_epochs else {})}
+            if scheduler.on_trial_result(None, trial, result) == TrialScheduler.STOP:
+                at = epoch
+                break
+        if at is None:
+            final = {"epoch": epochs, metric: values[-1], FINAL_KEY: 1, "test/iou": 0.3}
+            assert scheduler.on_trial_result(None, trial, final) == TrialScheduler.CONTINUE
+            scheduler.on_trial_complete(None, trial, final)
+        stopped.append(at)
+    return stopped
+
+
+@pytest.mark.parametrize("epochs, grace, factor", [(4, 1, 2), (2, 1, 2), (8, 2, 2), (9, 1, 3), (12, 3, 2)])
+def test_asha_never_stops_a_trial_at_its_last_epoch_but_still_stops_weak_trials_earlier(epochs, grace, factor):
+    """A rung at grace * factor**k can fall on the last epoch (4 with grace 1, factor 2): a trial stopped
+    there never reports its test metrics, although stopping it saved no training."""
+    import random
+
+    from xmodal.tune.sweep import make_scheduler
+
+    spec = load_sweep(sweep_dict(), [f"train.epochs={epochs}", "sweep.scheduler=asha", f"sweep.asha.grace_period={grace}", f"sweep.asha.reduction_factor={factor}"])
+    rng = random.Random(epochs)
+    first = [0.5] * epochs
+    worse_only_at_the_end = [0.9] * (epochs - 1) + [0.1]  # passes every earlier rung, worst at the last epoch
+    worse_throughout = [0.1] * epochs
+    noisy = [[rng.random() for _ in range(epochs)] for _ in range(30)]
+    for report_epochs in (True, False):
+        trials = [(epochs, values) for values in [first, worse_only_at_the_end, worse_throughout, *noisy]]
+        stopped = _drive_asha(make_scheduler(spec), spec.metric, trials, report_epochs)
+        assert stopped[:2] == [None, None], "the trial worse only at its last epoch finishes and reports its test"
+        assert stopped[2] == grace, "a trial worse at every epoch is still stopped at the first rung"
+        assert all(at is None or at < epochs for at in stopped), stopped
+        assert sum(at is not None for at in stopped) >= 10, "ASHA still stops the weaker noisy trials"
+
+
+def test_asha_never_stops_a_trial_at_its_own_last_epoch_when_epochs_are_swept():
+    from xmodal.tune.sweep import make_scheduler
+
+    spec = load_sweep(sweep_dict(**{"train.epochs": [2, 4]}), ["sweep.scheduler=asha", "sweep.search=random"])
+    assert spec.max_epochs == 4
+    # A 4-epoch trial first; then a 2-epoch one worse only at its epoch 2, the rung at grace * 2 = 2.
+    stopped = _drive_asha(make_scheduler(spec), spec.metric, [(4, [0.5] * 4), (2, [0.9, 0.1]), (2, [0.1, 0.1])], report_epochs=True)
+    assert stopped == [None, None, 1]
+
+
+def test_every_epoch_the_engine_reports_names_the_runs_last_epoch():
+    """ASHA reads ``epochs`` beside ``epoch`` in each epoch's report to let a trial's last epoch finish."""
+    from test_platform import Scripted, drive
+
+    outcome = drive(Scripted([0.5, 0.4, 0.3], [0.1, 0.2, 0.3]))
+    assert [(row["epoch"], row["epochs"]) for row in outcome["history"]] == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_asha_refuses_a_grace_period_that_reaches_the_last_epoch():
+    with pytest.raises(ConfigError, match=r"sweep.asha.grace_period=3.*train.epochs.*3"):
+        load_sweep(sweep_dict(), ["train.epochs=3", "sweep.scheduler=asha", "sweep.asha.grace_period=3"])
+
+
+SECRET = "S3cret-pw_42"
+
+
+def test_a_study_urls_password_is_never_written_printed_or_pickled(tmp_path: Path, monkeypatch):
+    """The password of sweep.study_storage (in the URL, or from $XMODAL_STUDY_PASSWORD) reaches the
+    database connection only: not sweep.json, the summary, the trials' plan or Tune's pickles."""
+    import pickle
+
+    import optuna
+    import ray.cloudpickle
+    import sqlalchemy
+
+    from xmodal.tune import sweep as sweep_module
+
+    connected: list[str] = []
+    real_create_engine = sqlalchemy.engine.create_engine
+    database = f"sqlite:///{tmp_path / 'study.db'}"  # stands in for the Postgres server
+
+    def create_engine(url, **kwargs):
+        connected.append(url.render_as_string(hide_password=False) if hasattr(url, "render_as_string") else str(url))
+        return real_create_engine(database)
+
+    monkeypatch.setattr(sqlalchemy.engine, "create_engine", create_engine)
+    monkeypatch.delenv("XMODAL_STUDY_PASSWORD", raising=False)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"postgresql://xmodal:{SECRET}@db.example:5432/optuna"
+    spec = load_sweep(sweep_dict(), [f"sweep.storage={tmp_path}", f"sweep.study_storage={url}"])
+
+    def assert_nowhere(blob: bytes | str, where: str) -> None:
+        text = blob if isinstance(blob, str) else blob.decode("latin-1")
+        assert SECRET not in text, f"the password is in {where}"
+
+    assert_nowhere(json.dumps(spec.to_plain(), indent=2), "sweep.json")  # what run_sweep writes
+    plan = sweep_module.TrialPlan(spec=spec, sweep_dir=sweep_dir(spec), results_root=str(tmp_path / "results"))
+    assert_nowhere(ray.cloudpickle.dumps(plan), "the plan every trial receives")
+    searcher, _, _ = make_search(spec, max_concurrent=2)
+    assert connected and all(SECRET in seen for seen in connected), "the driver connects with the password"
+    assert_nowhere(ray.cloudpickle.dumps(searcher), "the searcher (tuner.pkl)")
+    assert_nowhere(ray.cloudpickle.dumps(sweep_module.make_scheduler(spec)), "the scheduler (tuner.pkl)")
+    searcher.save(str(tmp_path / "searcher-state.pkl"))
+    assert_nowhere((tmp_path / "searcher-state.pkl").read_bytes(), "Tune's searcher checkpoint")
+    # A restored sweep connects again with the password this process was given.
+    connected.clear()
+    pickle.loads(ray.cloudpickle.dumps(searcher))
+    assert connected and all(SECRET in seen for seen in connected)
+    result = sweep_module.SweepResult(
+        name=spec.name, sweep_dir=sweep_dir(spec), metric=spec.metric, mode=spec.mode, best=None, states={}, errors={},
+        wall_seconds=1.0, trials_per_hour=0.0, busy_share=0.0, max_concurrent_trials=1, study_storage=sweep_module.study_storage_url(spec),
+    )
+    assert_nowhere(result.summary(), "the printed summary")
+    assert "optuna-dashboard postgresql://xmodal@db.example:5432/optuna" in result.summary()
+
+    # The password from the environment: the config holds a URL without one.
+    connected.clear()
+    monkeypatch.setenv("XMODAL_STUDY_PASSWORD", "from-the-env")
+    bare = load_sweep(sweep_dict(), [f"sweep.storage={tmp_path}", "name=bare", "sweep.study_storage=postgresql://xmodal@db.example/optuna"])
+    searcher, _, _ = make_search(bare, max_concurrent=2)
+    assert connected and all("xmodal:from-the-env@db.example" in seen for seen in connected)
+    assert "from-the-env" not in ray.cloudpickle.dumps(searcher).decode("latin-1")
+
+
+def test_a_run_whose_train_retries_are_spent_is_not_rerun_by_tune(tmp_path: Path, monkeypatch):
+    """Retries do not multiply: a lost Train worker is retried inside its run up to run.max_failures
+    (Ray Train's policy, as the trainer is built), and Tune reruns a trial (sweep.max_failures) only
+    when the trial's own process or Train controller died. Attempts are counted without Ray."""
+    from types import SimpleNamespace
+
+    import ray.exceptions
+    import ray.train
+    import ray.tune
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+    from ray.train.v2.api import data_parallel_trainer
+
+    from xmodal.engine import runner
+    from xmodal.tune import sweep as sweep_module
+
+    spec = load_sweep(sweep_dict(), [f"sweep.storage={tmp_path}"])
+    plan = sweep_module.TrialPlan(spec=spec, sweep_dir=sweep_dir(spec), results_root=str(tmp_path / "results"))
+    config = sweep_module.trial_config(plan, {"train.lr": 0.001}, "t1")
+    assert (config.run.max_failures, spec.settings.max_failures) == (1, 2)  # the defaults
+    worker_plan = SimpleNamespace(spec=None, results_dir=str(tmp_path / "results" / "trial-t1"), datasets=())
+    starts: list[str] = []
+
+    def controller(self, failure_policy, **kwargs):  # Train's controller: restart the worker group until its policy raises
+        while True:
+            starts.append("worker group")
+            if controller_dies:
+                raise ray.exceptions.RayActorError()  # what ray.get of a dead controller raises
+            lost = ray.train.WorkerGroupError("failed", {0: UserExceptionWithTraceback(ConnectionResetError("node lost"), "tb")})
+            if failure_policy.make_decision(lost) == FailureDecision.RAISE:
+                return SimpleNamespace(error=lost)
+
+    monkeypatch.setattr(data_parallel_trainer, "ObjectRefWrapper", lambda train_fn: train_fn)  # no object store
+    monkeypatch.setattr(data_parallel_trainer.DataParallelTrainer, "_initialize_and_run_controller", controller)
+    monkeypatch.setattr(runner, "ensure_ray", lambda config: None)
+    monkeypatch.setattr(runner, "LOG_DRAIN_SECONDS", 0.0)
+    real_make_trainer = runner.make_trainer
+    monkeypatch.setattr(runner, "make_trainer", lambda config, plan, prepared, callbacks: real_make_trainer(config, plan, prepared, callbacks, datasets={}))
+    monkeypatch.setattr(sweep_module, "_sweep_trial", lambda tune_config, plan, trial_id: runner._fit(config, worker_plan, None, {}, None, None, 0.0))
+
+    def tune_runs_the_trial(trial_id: str) -> None:
+        """Tune: the trial, then as many reruns as its failure config allows while it keeps failing."""
+        monkeypatch.setattr(ray.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: trial_id))
+        for _ in range(1 + sweep_module.trial_failure_config(spec).max_failures):
+            try:
+                sweep_module.sweep_trial({}, plan)
+                return
+            except Exception:
+                continue
+
+    controller_dies = False
+    tune_runs_the_trial("t1")
+    assert len(starts) == config.run.max_failures + 1, f"{len(starts)} worker-group starts for one lost-worker failure"
+    starts.clear()
+    controller_dies = True  # the trial's own process (and its Train controller) lost: Tune reruns it
+    tune_runs_the_trial("t2")
+    assert len(starts) == spec.settings.max_failures + 1

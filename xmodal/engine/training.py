@@ -264,7 +264,8 @@ def run_epochs(
             torch.cuda.synchronize(device)
         train_seconds = time.perf_counter() - started
         metrics: dict[str, Any] = {f"train/{k}": v / max(steps, 1) for k, v in totals.items()}
-        metrics.update(epoch=epoch + 1, step=global_step, epoch_seconds=train_seconds, data_wait_seconds=waiting)
+        # ``epochs``: a sweep's ASHA lets a trial's last epoch finish (its test report comes after it).
+        metrics.update(epoch=epoch + 1, epochs=epochs, step=global_step, epoch_seconds=train_seconds, data_wait_seconds=waiting)
         metrics["train/tiles_per_s"] = steps * data.batch_size * collectives.world_size / max(train_seconds, 1e-9)
         is_last = epoch + 1 == epochs
         validated: dict[str, float] = {}

@@ -39,7 +39,9 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,67 @@ SEED_KEY = "seed"
 REPEAT_INDEX_KEY = "__trial_index__"
 # Configurations built while validating an Optuna/random sweep (random draws of the space).
 VALIDATION_DRAWS = 32
+
+
+STUDY_PASSWORD_ENV = "XMODAL_STUDY_PASSWORD"
+# Passwords given inside sweep.study_storage URLs, by the URL without them: held by this process
+# only, so nothing the sweep writes, prints or pickles carries them.
+_STUDY_PASSWORDS: dict[str, str] = {}
+
+
+def _split_password(url: str) -> tuple[str, str | None]:
+    """A database URL without its password, and the password (``None`` when it has none)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:  # not a URL SQLAlchemy reads (Optuna will say so): drop user:password@ anyway
+        match = re.match(r"^([^:/]+://[^:/@]*):([^@/]*)@(.*)$", url)
+        return (f"{match[1]}@{match[3]}", match[2]) if match else (url, None)
+    if parsed.password is None:
+        return url, None
+    return _with_password(parsed, None), str(parsed.password)
+
+
+def _with_password(parsed: Any, password: str | None) -> str:
+    """A parsed SQLAlchemy URL written out with ``password`` (``None``: without one)."""
+    from sqlalchemy.engine import URL
+
+    return URL.create(
+        parsed.drivername, username=parsed.username, password=password, host=parsed.host, port=parsed.port,
+        database=parsed.database, query=parsed.query,
+    ).render_as_string(hide_password=False)
+
+
+def without_password(url: str) -> str:
+    """A database URL as it may be written or printed: without its password."""
+    return _split_password(url)[0]
+
+
+def remember_study_password(url: str) -> str:
+    """Keep a study URL's password in this process only; returns the URL without it."""
+    bare, password = _split_password(url)
+    if password is not None:
+        _STUDY_PASSWORDS[bare] = password
+    return bare
+
+
+def study_url_to_connect(url: str) -> str:
+    """The study URL with its password: the one given in the URL to this process, else
+    ``$XMODAL_STUDY_PASSWORD``, else none (SQLite, or Postgres reading ``$PGPASSWORD`` itself)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    bare, given = _split_password(url)
+    password = given or _STUDY_PASSWORDS.get(bare) or os.environ.get(STUDY_PASSWORD_ENV)
+    try:
+        parsed = make_url(bare) if password else None
+    except ArgumentError:  # Optuna names the URL it cannot read
+        return url
+    if parsed is None or parsed.username is None:
+        return url
+    return _with_password(parsed, password)
 
 
 @dataclass
@@ -103,13 +166,19 @@ class SweepSettings:
         max_concurrent_trials: ``auto`` (from the resources a trial needs and the cluster's)
             or a number.
         trial_cpus: CPUs of each trial's driver actor (the Tune trial itself).
-        max_failures: Retries of a failed trial (it resumes from its last Train checkpoint).
+        max_failures: Reruns of a trial whose own process, node or Train controller died (it
+            resumes from its last checkpoint). A lost Train worker is retried inside its run, up
+            to ``run.max_failures``; a run that failed after those is not rerun here, so the two
+            budgets do not multiply.
         storage: Folder or URI (``s3://``, ``gs://``, shared mount) holding sweep folders.
         results: Local folder for per-trial run.json and TensorBoard (default: inside the
             sweep folder when it is local, else ``results/sweeps/<name>``).
         study_storage: Optuna RDB URL (default: SQLite file in a local sweep folder; on remote
-            storage, a database URL such as ``postgresql://...``, or none: Tune's own
-            searcher checkpoint still makes the sweep resumable).
+            storage, a database URL such as ``postgresql://user@host/db``, or none: Tune's own
+            searcher checkpoint still makes the sweep resumable). Give the password in
+            ``$XMODAL_STUDY_PASSWORD`` (for Postgres, libpq's own ``$PGPASSWORD`` works too);
+            one written in the URL is used to connect but kept out of ``sweep.json``, the console
+            and Tune's pickled state (a resume needs it given again).
         sampler_seed: Seed of the Optuna sampler.
         local_cpus: Logical CPUs of a local Ray started by the sweep (``None``: enough for one trial).
         engine: How a trial trains: ``train`` (each run a Ray Train worker group, the default) or
@@ -160,6 +229,8 @@ class SweepSettings:
             raise ConfigError(f"sweep.max_concurrent_trials={self.max_concurrent_trials}; expected >= 1")
         if self.max_failures < 0 or self.trial_cpus < 0:
             raise ConfigError("sweep.max_failures and sweep.trial_cpus must be >= 0")
+        if self.study_storage:
+            self.study_storage = remember_study_password(self.study_storage)
 
 
 @dataclass
@@ -613,6 +684,12 @@ def validate_sweep(spec: SweepSpec, base_config: ExperimentConfig) -> None:
                 f"{spec.source}: sweep.search=grid enumerates choices only; sweep.parameters {ranged} are ranges "
                 "(give them as type: choice with values: [...])"
             )
+    if settings.scheduler == "asha" and settings.asha.grace_period >= spec.max_epochs:
+        raise ConfigError(
+            f"{spec.source}: sweep.asha.grace_period={settings.asha.grace_period} with train.epochs up to "
+            f"{spec.max_epochs}: ASHA would stop no trial before its last epoch; expected grace_period < "
+            f"{spec.max_epochs} (or scheduler: fifo)"
+        )
     if settings.scheduler == "asha" and len(spec.seeds) > 1:
         raise ConfigError(
             f"{spec.source}: sweep.scheduler=asha with several sweep.seeds would stop some seeds of a configuration "

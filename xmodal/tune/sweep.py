@@ -37,7 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from optuna.storages import RDBStorage
 from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Repeater
 
 from xmodal.engine.config import ExperimentConfig
@@ -45,7 +47,10 @@ from xmodal.engine.console import CONSOLE, LOG_FILE
 from xmodal.engine.session import connect, state_api_available
 from xmodal.engine.storage import delete_tree, is_remote, read_text, write_text
 from xmodal.errors import ConfigError, RunFailedError, XmodalError, error_line, permanent_cause
-from xmodal.tune.spec import FINAL_KEY, GRID_POINT_KEY, RUN_FILE, SEED_KEY, SPEC_FILE, SweepSpec, final_config, load_sweep, phase_runs
+from xmodal.tune.spec import (
+    FINAL_KEY, GRID_POINT_KEY, RUN_FILE, SEED_KEY, SPEC_FILE, SweepSpec, final_config, load_sweep, phase_runs, study_url_to_connect,
+    without_password,
+)
 
 SHARED_DIR = "shared"
 LOCK_LEASE_SECONDS = 120.0
@@ -70,7 +75,7 @@ class SweepResult:
         trials_per_hour: Trials that ended during this call, per hour of wall time.
         busy_share: Share of ``max_concurrent_trials`` x wall time that trials were running.
         max_concurrent_trials: Trial slots the sweep ran with.
-        study_storage: Optuna storage URL (``None`` for grid sweeps or in-memory studies).
+        study_storage: Optuna storage URL, without its password (``None`` for grid sweeps or in-memory studies).
         trials: Every trial as :func:`~xmodal.report.sweeps.load_trials` reads it.
     """
 
@@ -238,6 +243,24 @@ def round_robin(points: list[dict[str, Any]], key: str | None) -> list[dict[str,
     return [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
 
 
+class StudyStorage(RDBStorage):
+    """Optuna's RDB storage whose pickled state (Tune's ``tuner.pkl`` and searcher checkpoints)
+    holds its URL without the password; unpickled, it connects with the password again
+    (:func:`~xmodal.tune.spec.study_url_to_connect`: the one this process was given, else
+    ``$XMODAL_STUDY_PASSWORD``)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(study_url_to_connect(url))
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        state["url"] = without_password(state["url"])
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__({**state, "url": study_url_to_connect(state["url"])})
+
+
 def make_search(spec: SweepSpec, max_concurrent: int) -> tuple[Any, dict[str, Any], int]:
     """Tune search algorithm, param_space and num_samples of a sweep."""
     from ray import tune
@@ -259,11 +282,51 @@ def make_search(spec: SweepSpec, max_concurrent: int) -> tuple[Any, dict[str, An
         else optuna.samplers.TPESampler(seed=settings.sampler_seed)
     )
     url = study_storage_url(spec)
-    storage = optuna.storages.RDBStorage(url) if url else None
+    storage = StudyStorage(url) if url else None
     searcher: Any = OptunaSearch(spec.suggest, metric=spec.metric, mode=spec.mode, sampler=sampler, study_name=spec.name, storage=storage)
     if len(seeds) > 1:
         searcher = StatefulRepeater(searcher, repeat=len(seeds), set_index=True)
     return StatefulLimiter(searcher, max_concurrent=max_concurrent), {}, settings.num_samples * len(seeds)
+
+
+class FinishingASHA(ASHAScheduler):
+    """ASHA (``time_attr="epoch"``) that never stops a trial at or past its own last epoch.
+
+    Rungs sit at ``grace_period * reduction_factor ** k`` epochs, and one can fall on a trial's last
+    epoch (the 4th of 4 with grace 1, factor 2): stopping it there saves no training but loses its
+    test metrics, which its final report (``sweep/final``) brings after that epoch. Every epoch's
+    result names the trial's last epoch (``epochs``; ``max_t``, the sweep's largest, when absent).
+    """
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        last = result.get("epochs", self._max_t)
+        if result.get(FINAL_KEY) or result.get(self._time_attr, 0) >= last:
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+
+def make_scheduler(spec: SweepSpec) -> Any:
+    """The Tune scheduler of a sweep: FIFO, or ASHA stopping trials on ``spec.metric`` per epoch."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    if spec.settings.scheduler != "asha":
+        return FIFOScheduler()
+    # time_attr=epoch (1-based, as the engine reports it) survives resumes.
+    return FinishingASHA(
+        time_attr="epoch", metric=spec.metric, mode=spec.mode, max_t=spec.max_epochs,
+        grace_period=spec.settings.asha.grace_period, reduction_factor=spec.settings.asha.reduction_factor,
+    )
+
+
+def trial_failure_config(spec: SweepSpec) -> Any:
+    """Tune's failure config: how often a trial is run again after its process died.
+
+    A trial whose Train run failed is not run again (:func:`sweep_trial`): Ray Train already
+    retried its lost workers ``run.max_failures`` times, so the two budgets do not multiply.
+    """
+    from ray import tune
+
+    return tune.FailureConfig(max_failures=spec.settings.max_failures)
 
 
 # ----------------------------------------------------------------------------- the trial
@@ -369,7 +432,8 @@ PERMANENT_FAILURES_DIR = "failed-permanently"
 
 
 def permanent_failure_marker(folder: str, trial_id: str) -> str:
-    """Where a trial's permanent error is kept, so Tune's retries of it end at once (a resume clears them)."""
+    """Where the error of a trial Tune must not rerun is kept (a permanent error, or a Train run
+    that spent its retries), so Tune's retries of it end at once (a resume clears them)."""
     return f"{folder.rstrip('/')}/{PERMANENT_FAILURES_DIR}/trial-{trial_id}.txt"
 
 
@@ -378,7 +442,9 @@ def sweep_trial(tune_config: dict[str, Any], plan: TrialPlan) -> None:
 
     After training, one last report carries the test metrics (``sweep/final`` = 1) and the
     checkpoint that was tested. A trial that failed with an error that would come back (bad
-    config or data, a non-finite loss) is not run again by Tune's retries: they re-raise it.
+    config or data, a non-finite loss), or whose Train run failed after Ray Train's own retries
+    (``run.max_failures``), is not run again by Tune's retries: they re-raise it. Tune reruns
+    (``sweep.max_failures``) only a trial whose process or Train controller died.
     """
     import ray
     from ray import tune
@@ -392,9 +458,25 @@ def sweep_trial(tune_config: dict[str, Any], plan: TrialPlan) -> None:
     try:
         _sweep_trial(tune_config, plan, trial_id)
     except XmodalError as exc:
-        if permanent_cause(exc) is not None:
+        if permanent_cause(exc) is not None or _train_gave_up(exc):
             write_text(marker, error_line(exc))
         raise
+
+
+def _train_gave_up(exc: BaseException) -> bool:
+    """Whether Ray Train's failure policy ended the run (its ``TrainingFailedError`` is the cause):
+    the lost workers were retried there, ``run.max_failures`` times, and a Tune rerun would
+    multiply that budget."""
+    import ray.train
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ray.train.TrainingFailedError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _sweep_trial(tune_config: dict[str, Any], plan: TrialPlan, trial_id: str) -> None:
@@ -586,7 +668,6 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
             to resume; or ``resume`` with a config other than the one the sweep started with.
     """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from xmodal.engine.setup import ensure_data
 
@@ -646,21 +727,12 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
             grid = [len(v["grid_search"]) for v in param_space.values() if isinstance(v, dict) and "grid_search" in v]
             total = num_samples * math.prod(grid)
             progress = SweepProgress(spec.name, folder, spec.metric, spec.mode, int(slots), total)
-            if settings.scheduler == "asha":
-                # time_attr=epoch survives resumes; max_t above the last epoch so ASHA never kills a
-                # trial that is finishing (its test evaluation and summary come after the last epoch).
-                scheduler: Any = ASHAScheduler(
-                    time_attr="epoch", metric=spec.metric, mode=spec.mode, max_t=spec.max_epochs + 1,
-                    grace_period=settings.asha.grace_period, reduction_factor=settings.asha.reduction_factor,
-                )
-            else:
-                scheduler = FIFOScheduler()
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space,
                 tune_config=tune.TuneConfig(
                     search_alg=search_alg,
-                    scheduler=scheduler,
+                    scheduler=make_scheduler(spec),
                     num_samples=num_samples,
                     max_concurrent_trials=slots if search_alg is None else None,
                     trial_name_creator=trial_name,
@@ -669,7 +741,7 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
                 run_config=tune.RunConfig(
                     name=spec.name,
                     storage_path=settings.storage,
-                    failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                    failure_config=trial_failure_config(spec),
                     verbose=0,  # SweepProgress prints a line per ended trial
                     callbacks=[progress],
                 ),
