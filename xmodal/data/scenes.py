@@ -225,10 +225,17 @@ def _source_window(src: rasterio.io.DatasetReader, grid: RasterGrid) -> Window |
     return Window(col0, row0, col1 - col0, row1 - row0)
 
 
+@functools.lru_cache(maxsize=256)
+def _pixel_in(source: RasterGrid, crs: str) -> float:
+    """The side of a source pixel measured in ``crs`` units (its footprint's area per pixel).
+    Cached: every tile of a scene asks the same, and each transform costs milliseconds."""
+    left, bottom, right, top = footprint_in(source, crs)
+    return math.sqrt(max((right - left) * (top - bottom), 0.0) / max(source.width * source.height, 1))
+
+
 def _resampling(src: rasterio.io.DatasetReader, grid: RasterGrid, kind: str) -> Resampling:
-    # Compare pixel areas on the ground: both grids' footprints in the target CRS.
-    left, bottom, right, top = footprint_in(RasterGrid(crs_string(src.crs), tuple(src.transform)[:6], src.height, src.width), grid.crs)
-    source_px = math.sqrt(max((right - left) * (top - bottom), 0.0) / max(src.width * src.height, 1))
+    # Compare pixel sizes on the ground, both in the target CRS.
+    source_px = _pixel_in(RasterGrid(crs_string(src.crs), tuple(src.transform)[:6], src.height, src.width), grid.crs)
     finer = grid.pixel_size / source_px if source_px > 0 else 1.0
     if kind == "classes":
         return Resampling.mode if finer > AVERAGE_ABOVE else Resampling.nearest
