@@ -10,7 +10,6 @@ checkpoint from before that record existed falls back to the ``stats.json`` of i
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from xmodal.data.bands import BandSet
-from xmodal.data.manifest import DatasetInfo
+from xmodal.data.manifest import DatasetInfo, read_json
 from xmodal.data.prepared import DataSettings, resolve_manifest
 from xmodal.data.stats import DatasetStats, load_stats
 from xmodal.engine.results import INFERENCE_FILE, RUN_FILE
@@ -95,13 +94,6 @@ class ModelSource:
     summary: dict[str, Any] | None
 
 
-def _read_summary(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot be read as a run summary ({exc})") from None
-
-
 def resolve_source(path: str | Path) -> ModelSource:
     """A run's results folder (its ``run.json`` names the tested checkpoint) or a checkpoint folder.
 
@@ -114,9 +106,9 @@ def resolve_source(path: str | Path) -> ModelSource:
         raise DataError(f"{path}: not found; give a run's results folder (with {RUN_FILE}) or a checkpoint folder (with {EXPORTS_DIR}/)")
     if (folder / EXPORTS_DIR).is_dir():
         summary_path = folder.parent / RUN_FILE
-        return ModelSource(folder, folder.parent if summary_path.is_file() else None, _read_summary(summary_path) if summary_path.is_file() else None)
+        return ModelSource(folder, folder.parent if summary_path.is_file() else None, read_json(summary_path) if summary_path.is_file() else None)
     if (folder / RUN_FILE).is_file():
-        summary = _read_summary(folder / RUN_FILE)
+        summary = read_json(folder / RUN_FILE)
         checkpoint = summary.get("checkpoint")
         if not checkpoint:
             raise DataError(f"{folder / RUN_FILE}: the run has no checkpoint ('checkpoint': {checkpoint!r}); give one of its checkpoint folders")
@@ -141,11 +133,7 @@ def load_record(source: ModelSource, log: Callable[[str], None] = print) -> Infe
     """
     path = source.checkpoint / INFERENCE_FILE
     if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: cannot be read ({exc})") from None
-        return InferenceRecord.from_dict(data, str(path))
+        return InferenceRecord.from_dict(read_json(path), str(path))
     if source.summary is None:
         raise DataError(
             f"{path}: not found (a checkpoint from before runs recorded it), and no {RUN_FILE} beside the checkpoint "

@@ -59,12 +59,11 @@ import numpy as np
 import rasterio
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
-from rasterio.errors import RasterioIOError
 from rasterio.transform import Affine
 from rasterio.warp import reproject
 
 from xmodal.data.bands import BandSet
-from xmodal.data.geotiff import RasterGrid, check_same_grid, crs_string, read_raster
+from xmodal.data.geotiff import RasterGrid, check_same_grid, read_raster
 from xmodal.data.manifest import (
     DatasetInfo,
     LabelLayer,
@@ -76,7 +75,7 @@ from xmodal.data.manifest import (
 )
 from xmodal.data.readers.base import IndexResult, LoadOptions, Reader, Skipped, register_reader
 from xmodal.data.sample import IGNORE_INDEX, PairedSample
-from xmodal.data.scenes import rasterise_vector
+from xmodal.data.scenes import rasterise_vector, scene_grid
 from xmodal.data.splits import SPLIT_LOCKED
 from xmodal.errors import ConfigError, DataError, PairingError
 
@@ -243,15 +242,6 @@ def _find_orientations_file(root: Path, train: Path | None, test: Path | None) -
     # Some copies move SummaryData around; a recursive search over names is still cheap.
     found = sorted(root.rglob(ORIENTATIONS_FILE))
     return found[0] if found else None
-
-
-def _header_grid(path: Path) -> RasterGrid:
-    """Georeferencing of a GeoTIFF without reading its pixels."""
-    try:
-        with rasterio.open(path) as src:
-            return RasterGrid(crs_string(src.crs), tuple(src.transform)[:6], src.height, src.width)
-    except RasterioIOError as exc:
-        raise DataError(f"{path}: cannot be read as a GeoTIFF ({exc})") from exc
 
 
 def check_same_footprint(sar: RasterGrid, optical: RasterGrid, sar_path: str, optical_path: str) -> None:
@@ -454,9 +444,9 @@ class SpaceNet6Reader(Reader):
             key: TileKey, sar_path: Path, optical_path: Path | None, label_path: Path | None, subset: str
         ) -> None:
             try:
-                grid = _header_grid(sar_path)
+                grid = scene_grid(sar_path)
                 if optical_path is not None:
-                    check_same_footprint(grid, _header_grid(optical_path), str(sar_path), str(optical_path))
+                    check_same_footprint(grid, scene_grid(optical_path), str(sar_path), str(optical_path))
             except DataError as exc:  # PairingError included
                 skipped.append(Skipped(item=sar_path.name, reason=str(exc)))
                 return
