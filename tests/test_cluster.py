@@ -28,6 +28,8 @@ import pytest
 import yaml
 from gloo import free_port
 
+from xmodal.errors import ConfigError
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 RAY = str(Path(sys.executable).parent / "ray")
@@ -287,6 +289,65 @@ def test_readme_walks_from_empty_cluster_to_report():
     for needle in ("ray up cluster/aws-gpu.yaml", "RAY_AUTH_MODE=token", "ray job submit", "--runtime-env cluster/runtime_env.yaml",
                    "xmodal report", "tensorboard --logdir", "optuna-dashboard", "--resume", "kubectl apply -f cluster/kuberay/rayjob-sweep.yaml"):
         assert needle in text, needle
+
+
+# ----------------------------------------------------------------------------- a job's working dir
+
+
+def _job_dir(root: Path, upload_hash: str) -> Path:
+    """Where Ray unpacks a `--working-dir` upload on a node (a new folder whenever the code changes)."""
+    return root / "session_2026-12-03_10-00-00_1" / "runtime_resources" / "working_dir_files" / f"_ray_pkg_{upload_hash}"
+
+
+def test_a_sweep_resubmitted_after_a_code_change_resumes(tmp_path: Path):
+    """Relative paths resolve under the job's _ray_pkg_<hash> folder; the hash changes with the code,
+    and `--resume` must still find the sweep the same one (while a real change is still refused)."""
+    from test_sweep import sweep_dict
+
+    from xmodal.tune.spec import load_sweep
+    from xmodal.tune.sweep import _check_same_sweep
+
+    storage = [f"sweep.storage={tmp_path / 'sweeps'}", "data.root=data/world"]
+    first = load_sweep(sweep_dict(), storage, cwd=_job_dir(tmp_path, "0a1b2c3d"))
+    assert "_ray_pkg_0a1b2c3d/data/world" in first.experiment["data"]["root"]
+    stored = json.loads(json.dumps(first.to_plain()))
+    _check_same_sweep(stored, load_sweep(sweep_dict(), storage, cwd=_job_dir(tmp_path, "ffee9988")), "folder")
+    with pytest.raises(ConfigError, match=r"started with another config \(experiment.\{train\} differ"):
+        _check_same_sweep(stored, load_sweep(sweep_dict(), storage + ["train.epochs=7"], cwd=_job_dir(tmp_path, "ffee9988")), "folder")
+    with pytest.raises(ConfigError, match=r"started with another config \(experiment.\{data\} differ"):
+        _check_same_sweep(stored, load_sweep(sweep_dict(), storage[:1] + ["data.root=data/other"], cwd=_job_dir(tmp_path, "ffee9988")), "folder")
+
+
+def test_a_run_resubmitted_after_a_code_change_resumes_its_checkpoints(tmp_path: Path):
+    from xmodal.engine.config import build_config, check_same_run, fingerprint, read_yaml
+
+    raw = read_yaml(REPO / "experiments" / "baselines" / "sar-buildings.yaml")
+    configs = []
+    for upload_hash in ("0a1b2c3d", "ffee9988"):
+        raw["data"]["root"] = str(_job_dir(tmp_path, upload_hash) / "data" / "world")
+        configs.append(build_config(raw))
+    check_same_run(fingerprint(configs[0]), configs[1], "folder")
+    raw["data"]["root"] = str(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="already exists in folder with other settings .data.root: "):
+        check_same_run(fingerprint(configs[0]), build_config(raw), "folder")
+
+
+def test_outputs_inside_a_jobs_working_dir_are_refused_by_name(tmp_path: Path):
+    """Without sweep.storage a submitted job would write into its working dir, which Ray deletes."""
+    from test_sweep import sweep_dict
+
+    from xmodal.engine.config import build_config, read_yaml
+    from xmodal.engine.runner import run_single
+    from xmodal.tune.spec import load_sweep
+
+    job = _job_dir(tmp_path, "0a1b2c3d")
+    with pytest.raises(ConfigError, match=r"sweep.storage='.*_ray_pkg_0a1b2c3d/runs/sweeps' lies inside this Ray job's working dir"):
+        load_sweep(sweep_dict(), cwd=job)
+    load_sweep(sweep_dict(), [f"sweep.storage={tmp_path / 'sweeps'}"], cwd=job)  # an absolute folder elsewhere is fine
+    raw = read_yaml(REPO / "experiments" / "baselines" / "sar-buildings.yaml")
+    raw["run"] = {"storage": str(job / "runs")}
+    with pytest.raises(ConfigError, match=r"run.storage='.*_ray_pkg_0a1b2c3d/runs' lies inside"):
+        run_single(build_config(raw))
 
 
 # ----------------------------------------------------------------------------- a real head

@@ -26,6 +26,7 @@ the command line use dotted keys: ``train.epochs=3 data.batch_size=4``.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from typing import Any
 import yaml
 
 from xmodal.data.prepared import DataSettings
+from xmodal.engine.storage import portable_paths
 from xmodal.errors import ConfigError
 from xmodal.methods.base import ModelSettings
 from xmodal.methods.optim import MAIN, OptimSettings
@@ -46,7 +48,11 @@ class ScalingSettings:
 
     Attributes:
         num_workers: Ray Train workers (DDP ranks).
-        use_gpu: One GPU per worker.
+        use_gpu: Train each worker on a GPU.
+        gpus_per_worker: GPUs each worker holds with ``use_gpu`` (a fraction, e.g. 0.5, puts two
+            workers, of one trial or of two, on one GPU; above 1, a whole number).
+        accelerator_type: GPU model the workers must land on (``H100``, ``A10G``...: Ray's
+            ``accelerator_type:<name>`` node resource), ``None`` for any.
         cpus_per_worker: CPUs reserved per worker (leave the rest to Ray Data).
         data_cpus: CPUs kept free for Ray Data decoding (local runs size Ray to leave them).
         torch_threads: Intra-op threads per worker (``None``: the machine's cores / workers).
@@ -54,6 +60,8 @@ class ScalingSettings:
 
     num_workers: int = 1
     use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+    accelerator_type: str | None = None
     cpus_per_worker: float = 1.0
     data_cpus: int = 1
     torch_threads: int | None = None
@@ -61,6 +69,22 @@ class ScalingSettings:
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ConfigError(f"scaling.num_workers={self.num_workers}; expected >= 1")
+        if not 0 < self.gpus_per_worker <= 1 and self.gpus_per_worker != int(self.gpus_per_worker):
+            raise ConfigError(f"scaling.gpus_per_worker={self.gpus_per_worker}; expected a fraction in (0, 1] or a whole number")
+        if self.gpus_per_worker <= 0:
+            raise ConfigError(f"scaling.gpus_per_worker={self.gpus_per_worker}; expected > 0")
+        if self.accelerator_type is not None and (not self.use_gpu or not self.accelerator_type.strip() or ":" in self.accelerator_type):
+            raise ConfigError(
+                f"scaling.accelerator_type={self.accelerator_type!r}: expected a GPU model name such as H100 or A10G "
+                "(without 'accelerator_type:'), with scaling.use_gpu: true"
+            )
+
+    def worker_resources(self) -> dict[str, float]:
+        """What each Train worker holds (``accelerator_type`` goes to Ray's ScalingConfig apart)."""
+        resources = {"CPU": float(self.cpus_per_worker)}
+        if self.use_gpu:
+            resources["GPU"] = float(self.gpus_per_worker)
+        return resources
 
 
 @dataclass
@@ -82,6 +106,11 @@ class RunSettings:
         address: Ray cluster address (``None``: ``RAY_ADDRESS`` or a local Ray).
         dashboard: Start a local Ray with its dashboard (on 127.0.0.1). Off by default: on 2
             cores an idle dashboard slowed training steps from 0.47 to 0.71 s.
+        mlflow: MLflow tracking (:mod:`xmodal.engine.tracking`): ``local`` (an SQLite store and
+            artifact folder beside the results: ``mlflow ui --backend-store-uri sqlite:///...``
+            opens it), a tracking server URL (``http://host:5000``) or any tracking URI
+            MLflow takes; ``None`` (the default): no tracking. A sweep reads it from its
+            experiment: one parent run, a child run per trial. Needs ``pip install xmodal[mlflow]``.
     """
 
     storage: str = "runs"
@@ -94,8 +123,12 @@ class RunSettings:
     select: str = "best"
     address: str | None = None
     dashboard: bool = False
+    mlflow: str | None = None
 
     def __post_init__(self) -> None:
+        from xmodal.engine.tracking import check_tracking_uri
+
+        check_tracking_uri(self.mlflow, "run.mlflow")
         if self.select not in ("best", "last"):
             raise ConfigError(f"run.select={self.select!r}; expected best or last")
         if self.eval_every < 1 or self.keep_checkpoints < 1:
@@ -322,16 +355,24 @@ def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[
     ]
 
 
+def same_fingerprint(saved: dict[str, Any] | None, config: ExperimentConfig) -> bool:
+    """Whether a recorded fingerprint is ``config``'s, as stored (JSON) and with job working dirs
+    written relative (a resubmitted job after a code change is unpacked under another name)."""
+    if saved is None:
+        return False
+    as_stored = [json.loads(json.dumps(value, default=str)) for value in (saved, fingerprint(config))]
+    return portable_paths(as_stored[0]) == portable_paths(as_stored[1])
+
+
 def check_same_run(saved: dict[str, Any] | None, config: ExperimentConfig, where: str) -> None:
     """Refuse to resume a run whose checkpoint was trained with other settings.
 
     Raises:
         ConfigError: Listing the settings that differ, and the ways out.
     """
-    current = fingerprint(config)
-    if saved == current:
+    if same_fingerprint(saved, config):
         return
-    changes = fingerprint_changes(saved or {}, current)
+    changes = fingerprint_changes(portable_paths(saved or {}), portable_paths(fingerprint(config)))
     shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
     raise ConfigError(
         f"run {config.name!r} already exists in {where} with other settings ({shown}); "

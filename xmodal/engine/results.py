@@ -224,7 +224,7 @@ def read_run_result(config: ExperimentConfig) -> RunResult | None:
 
     A summary of another method, model or data under the same name does not count.
     """
-    from xmodal.engine.config import fingerprint
+    from xmodal.engine.config import same_fingerprint
 
     path = results_dir(config) / RUN_FILE
     if not path.is_file():
@@ -233,8 +233,7 @@ def read_run_result(config: ExperimentConfig) -> RunResult | None:
         summary = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    current = json.loads(json.dumps(fingerprint(config), default=str))
-    if summary.get("fingerprint") != current or summary.get("epochs") != config.train.epochs:
+    if not same_fingerprint(summary.get("fingerprint"), config) or summary.get("epochs") != config.train.epochs:
         return None
     return RunResult(
         name=summary["name"], metrics=summary.get("metrics", {}), checkpoint=summary.get("checkpoint"),

@@ -30,7 +30,7 @@ from xmodal.engine.preflight import preflight
 from xmodal.engine.results import SNAPSHOT_FILE, RunResult, read_snapshot, record_failure, results_dir, storage_path, summarise, write_run_results
 from xmodal.engine.session import connect
 from xmodal.engine.setup import BestTracker, metric_spec, prepare_run_data, result_line, run_header
-from xmodal.engine.storage import is_remote
+from xmodal.engine.storage import is_remote, refuse_job_scratch
 from xmodal.engine.training import SELECTION_KEY, STATE_FILE
 from xmodal.methods.exports import DamagedFileError, read_torch_file
 from xmodal.errors import RunFailedError, error_line, permanent_cause
@@ -224,6 +224,9 @@ def run_single(config: ExperimentConfig, inputs: dict[str, ResolvedInput] | None
     """
     started = time.time()
     inputs = inputs or {}
+    for key, value in (("run.storage", config.run.storage), ("run.results", config.run.results)):
+        if value is not None:
+            refuse_job_scratch(value, key)
     adopted = reconcile_checkpoints(config, CONSOLE.line)
     check_resumable(config, adopted)
     plan, prepared = plan_run(config, {name: ray.train.Checkpoint(ref.location) for name, ref in inputs.items()})

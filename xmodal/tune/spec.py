@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from xmodal.engine.config import ExperimentConfig, _TOP_LEVEL, build_config, parse_overrides, phase_configs, read_yaml
+from xmodal.engine.storage import refuse_job_scratch
 from xmodal.errors import ConfigError
 from xmodal.settings import from_dict, get_dotted, merge, set_dotted, to_dict
 
@@ -640,6 +641,9 @@ def load_sweep(source: str | Path | dict[str, Any], overrides: list[str] | None 
     absolutize_paths(data, cwd)
     settings.storage = _absolute(settings.storage, cwd)
     settings.results = _absolute(settings.results, cwd)
+    for key, value in (("sweep.storage", settings.storage), ("sweep.results", settings.results)):
+        if value is not None:
+            refuse_job_scratch(value, key)
     base_config = build_config({k: v for k, v in data.items()}, where)
     from xmodal.methods.registry import get_method
 

@@ -45,7 +45,7 @@ from ray.tune.search import ConcurrencyLimiter, Repeater
 from xmodal.engine.config import ExperimentConfig
 from xmodal.engine.console import CONSOLE, LOG_FILE
 from xmodal.engine.session import connect, state_api_available
-from xmodal.engine.storage import delete_tree, is_remote, read_text, write_text
+from xmodal.engine.storage import delete_tree, is_remote, portable_paths, read_text, write_text
 from xmodal.errors import ConfigError, RunFailedError, XmodalError, error_line, permanent_cause
 from xmodal.tune.spec import (
     FINAL_KEY, GRID_POINT_KEY, RUN_FILE, SEED_KEY, SPEC_FILE, SweepSpec, final_config, load_sweep, phase_runs, study_url_to_connect,
@@ -609,7 +609,9 @@ def start_ray(spec: SweepSpec, base: ExperimentConfig, per_trial: dict[str, floa
 
 
 def _check_same_sweep(stored: dict[str, Any], spec: SweepSpec, folder: str) -> None:
-    current = json.loads(json.dumps(spec.to_plain()))
+    # Paths compare relative to a Ray job's working dir: a resubmission after a code change unpacks
+    # the same job under another _ray_pkg_<hash> folder.
+    stored, current = portable_paths(stored), portable_paths(json.loads(json.dumps(spec.to_plain())))
     changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
     if changed:
         detail = []
