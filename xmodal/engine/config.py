@@ -69,10 +69,8 @@ class ScalingSettings:
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ConfigError(f"scaling.num_workers={self.num_workers}; expected >= 1")
-        if not 0 < self.gpus_per_worker <= 1 and self.gpus_per_worker != int(self.gpus_per_worker):
-            raise ConfigError(f"scaling.gpus_per_worker={self.gpus_per_worker}; expected a fraction in (0, 1] or a whole number")
-        if self.gpus_per_worker <= 0:
-            raise ConfigError(f"scaling.gpus_per_worker={self.gpus_per_worker}; expected > 0")
+        if self.gpus_per_worker <= 0 or (self.gpus_per_worker > 1 and self.gpus_per_worker != int(self.gpus_per_worker)):
+            raise ConfigError(f"scaling.gpus_per_worker={self.gpus_per_worker}; expected a fraction in (0, 1] or a whole number of GPUs")
         if self.accelerator_type is not None and (not self.use_gpu or not self.accelerator_type.strip() or ":" in self.accelerator_type):
             raise ConfigError(
                 f"scaling.accelerator_type={self.accelerator_type!r}: expected a GPU model name such as H100 or A10G "

@@ -31,6 +31,7 @@ from xmodal.engine.results import SNAPSHOT_FILE, RunResult, read_snapshot, recor
 from xmodal.engine.session import connect
 from xmodal.engine.setup import BestTracker, metric_spec, prepare_run_data, result_line, run_header
 from xmodal.engine.storage import is_remote, refuse_job_scratch
+from xmodal.engine.tracking import track_run
 from xmodal.engine.training import SELECTION_KEY, STATE_FILE
 from xmodal.methods.exports import DamagedFileError, read_torch_file
 from xmodal.errors import RunFailedError, error_line, permanent_cause
@@ -103,9 +104,6 @@ def make_trainer(
     ``datasets`` replaces the Ray Data pipeline (benchmarks feed pre-made tensors).
     """
     scaling = config.scaling
-    resources: dict[str, float] = {"CPU": scaling.cpus_per_worker}
-    if scaling.use_gpu:
-        resources["GPU"] = 1
     *parents, leaf = config.name.split("/")
     storage = storage_path(config)
     if parents:
@@ -117,7 +115,10 @@ def make_trainer(
     return XmodalTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": plan},
-        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=scaling.worker_resources(),
+            accelerator_type=scaling.accelerator_type,
+        ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[name for name in (TRAIN, LABELLED_STREAM) if name in datasets]),
         run_config=ray.train.RunConfig(
@@ -240,8 +241,8 @@ def run_single(config: ExperimentConfig, inputs: dict[str, ResolvedInput] | None
         steps_per_epoch=plan.steps_per_epoch(scaling.num_workers), log=CONSOLE.line,
     )
     CONSOLE.log_to(Path(plan.results_dir) / LOG_FILE)
-    try:
-        return _fit(config, plan, prepared, inputs, callbacks, adopted, started)
+    try:  # run.mlflow: an MLflow run around the fit (tracking adds its per-epoch callback)
+        return track_run(config, lambda tracked: _fit(config, plan, prepared, inputs, [*(callbacks or []), *tracked], adopted, started))
     finally:
         CONSOLE.log_to(None)
 
