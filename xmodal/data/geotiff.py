@@ -6,6 +6,7 @@ whose grids differ is caught in one place.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from rasterio.crs import CRS
 from rasterio.errors import RasterioIOError
 from rasterio.transform import Affine
 
+from xmodal.data.storage import gdal_options, is_remote
 from xmodal.errors import DataError, PairingError
 
 
@@ -72,7 +74,9 @@ def read_raster(
     """Read a whole GeoTIFF.
 
     Args:
-        path: File to read (a local path or a GDAL virtual path such as ``/vsis3/...``).
+        path: File to read: a local path, an ``s3://`` / ``gs://`` URI (read through GDAL's
+            ``/vsis3/`` / ``/vsigs/``, see :func:`~xmodal.data.storage.gdal_options`) or a GDAL
+            virtual path such as ``/vsis3/...``.
         expected_bands: Refuse files whose band count differs.
         dtype: Output dtype; float outputs turn the file's no-data value into NaN.
         out_shape: Resample to this (height, width) on read.
@@ -82,10 +86,11 @@ def read_raster(
         DataError: The file is missing, cannot be decoded, or has the wrong band count.
     """
     path = str(path)
-    if not path.startswith("/vsi") and not Path(path).is_file():
+    if not path.startswith("/vsi") and not is_remote(path) and not Path(path).is_file():
         raise DataError(f"{path}: file not found")
     try:
-        with rasterio.open(path) as src:
+        options = gdal_options(path)
+        with rasterio.Env(**options) if options else nullcontext(), rasterio.open(path) as src:
             if expected_bands is not None and src.count != expected_bands:
                 raise DataError(f"{path}: has {src.count} band(s), expected {expected_bands}")
             kwargs: dict[str, Any] = {}

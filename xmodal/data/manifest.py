@@ -7,7 +7,9 @@ A dataset folder prepared for xmodal holds::
     stats.json         # per-band normalisation statistics (``xmodal data stats``)
 
 Paths inside records are relative to ``DatasetInfo.data_root`` (itself relative to the folder that
-holds ``dataset.json`` unless absolute), so a prepared dataset can be moved or mounted elsewhere.
+holds ``dataset.json`` unless absolute), so a prepared dataset can be moved or mounted elsewhere, or
+uploaded to a bucket: a folder given as an ``s3://`` / ``gs://`` URI is read from there (its small
+files copied to a local cache, its tiles read where they lie; see :meth:`Manifest.load`).
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ import pyarrow.parquet as pq
 
 from xmodal.data.bands import BandSet
 from xmodal.data.sample import IGNORE_INDEX, TileMeta
+from xmodal.data.storage import cache_folder, check_reachable, download, is_remote, join, read_text
 from xmodal.errors import DataError
 
 DATASET_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.parquet"
 STATS_FILE = "stats.json"
+SIGNATURE_FILE = "stats.split.json"  # which training split the statistics were computed on
+# What a prepared folder on object storage has copied to the local cache when it is loaded.
+SMALL_FILES = (DATASET_FILE, MANIFEST_FILE, STATS_FILE, SIGNATURE_FILE)
 
 # Columns of manifest.parquet. ``layers`` maps a label-layer name to its file; ``extra`` holds
 # reader-specific fields (an HDF5 row index, a strip orientation, ...). Both are JSON strings so
@@ -194,12 +200,16 @@ class Manifest:
     Attributes:
         info: The dataset description.
         records: One dict per pair, with the keys of :data:`RECORD_FIELDS`.
-        folder: Folder holding ``dataset.json`` / ``manifest.parquet`` (``None`` before saving).
+        folder: Folder holding ``dataset.json`` / ``manifest.parquet`` (``None`` before saving);
+            for a dataset on object storage, the local cache of its small files.
+        location: The URI of a dataset on object storage (``None`` for a local one): its tiles
+            are read from there, and statistics computed here are written back there.
     """
 
     info: DatasetInfo
     records: list[dict[str, Any]]
     folder: Path | None = None
+    location: str | None = None
 
     def __post_init__(self) -> None:
         seen: set[str] = set()
@@ -218,8 +228,13 @@ class Manifest:
         return len(self.records)
 
     @property
-    def data_root(self) -> Path:
-        """Absolute folder the record paths are relative to."""
+    def data_root(self) -> Path | str:
+        """Absolute folder the record paths are relative to: a URI for a dataset on object storage
+        (join record paths to it with :func:`xmodal.data.storage.join`)."""
+        if is_remote(self.info.data_root):
+            return self.info.data_root
+        if self.location is not None and not Path(self.info.data_root).is_absolute():
+            return join(self.location, self.info.data_root)
         root = Path(self.info.data_root)
         if not root.is_absolute():
             if self.folder is None:
@@ -243,7 +258,14 @@ class Manifest:
 
     @classmethod
     def load(cls, folder: str | Path) -> Manifest:
-        """Read a prepared dataset folder, with errors naming the missing or broken file."""
+        """Read a prepared dataset folder, with errors naming the missing or broken file.
+
+        A URI (``s3://bucket/world``) is a folder on object storage: its small files
+        (:data:`SMALL_FILES`) are copied to a local cache first (again at every load, so a
+        re-uploaded dataset is never read stale), and its tiles stay where they are.
+        """
+        if is_remote(folder):
+            return cls._load_remote(str(folder))
         folder = Path(folder)
         info_path, table_path = folder / DATASET_FILE, folder / MANIFEST_FILE
         for path in (info_path, table_path):
@@ -262,9 +284,25 @@ class Manifest:
             raise DataError(f"{table_path}: missing column(s) {missing}")
         return cls(info=info, records=table.to_pylist(), folder=folder.resolve())
 
+    @classmethod
+    def _load_remote(cls, uri: str) -> Manifest:
+        check_reachable(uri, "data.root")
+        cache = cache_folder(uri)
+        for name in SMALL_FILES:
+            (cache / name).unlink(missing_ok=True)  # a file deleted from the bucket is gone here too
+            if not download(join(uri, name), cache / name) and name in (DATASET_FILE, MANIFEST_FILE):
+                raise DataError(
+                    f"{join(uri, name)}: not found; a dataset on object storage must be a prepared folder "
+                    f"({DATASET_FILE} and {MANIFEST_FILE}): pack one with `xmodal data pack <folder> {uri}`, "
+                    "or upload a prepared folder there"
+                )
+        manifest = cls.load(cache)
+        manifest.location = uri
+        return manifest
+
     def with_records(self, records: list[dict[str, Any]]) -> Manifest:
         """A manifest of the same dataset holding other records (a split, a subset)."""
-        return Manifest(info=self.info, records=[dict(r) for r in records], folder=self.folder)
+        return Manifest(info=self.info, records=[dict(r) for r in records], folder=self.folder, location=self.location)
 
 
 def read_json(path: Path) -> Any:
@@ -283,6 +321,10 @@ def read_json(path: Path) -> Any:
 
 def declared_reader(root: Path) -> str | None:
     """The reader a prepared folder's ``dataset.json`` names (``None`` when the folder has none)."""
+    if is_remote(root):
+        text = read_text(join(str(root), DATASET_FILE))
+        data = json.loads(text) if text else None
+        return data.get("reader") if isinstance(data, dict) else None
     path = Path(root) / DATASET_FILE
     if not path.is_file():
         return None

@@ -21,6 +21,7 @@ import ray
 
 from xmodal.data.prepared import PreparedData
 from xmodal.data.stats import convert_sar
+from xmodal.data.storage import join
 from xmodal.data.store import PACKED_READER, decode_row
 from xmodal.data.transforms import Preparer, stack, unstack, withhold_labels
 
@@ -88,7 +89,7 @@ def _read_packed(prepared: PreparedData, split: str, records: list[dict[str, Any
     parts = sorted({record["sar_path"] for record in records})
     wanted = {record["tile_id"]: record["index"] for record in records}
     labelled = {record["tile_id"]: bool(record.get("labelled", True)) for record in records}
-    dataset = ray.data.read_parquet([str(root / part) for part in parts], shuffle="files" if shuffle_files else None)
+    dataset = ray.data.read_parquet([join(root, part) for part in parts], shuffle="files" if shuffle_files else None)
     if len(wanted) < sum(1 for r in prepared.manifest.records if r["sar_path"] in parts):
         keep = set(wanted)
         dataset = dataset.filter(lambda row: row["tile_id"] in keep)

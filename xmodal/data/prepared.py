@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 
 from xmodal.data.labels import LabelSettings, choose_labelled, oversample
-from xmodal.data.manifest import DATASET_FILE, STATS_FILE, Manifest, declared_reader
+from xmodal.data.manifest import DATASET_FILE, SIGNATURE_FILE, STATS_FILE, Manifest, declared_reader
 from xmodal.data.readers.base import LoadOptions, detect_reader, get_reader
 from xmodal.data.splits import check_no_leakage
 from xmodal.data.stats import DatasetStats, compute_stats, load_stats, save_stats
+from xmodal.data.storage import is_remote, join, upload
 from xmodal.data.transforms import AugmentSettings, Decoder
 from xmodal.errors import ConfigError, DataError
 
@@ -39,7 +40,9 @@ class DataSettings:
 
     Attributes:
         root: A prepared dataset folder (with ``dataset.json``) or a raw dataset folder of a
-            supported layout (indexed into ``prepared_dir`` on first use).
+            supported layout (indexed into ``prepared_dir`` on first use); or a prepared folder
+            on object storage (``s3://bucket/world``, ``gs://...``: a packed store, or a prepared
+            GeoTIFF tree read through GDAL), read from there by every node.
         prepared_dir: Where to keep the manifest and statistics of a raw dataset (default:
             ``<root>/.xmodal``).
         mask_layer: Label layer used as ``mask`` (e.g. ``buildings``, ``landcover``), or null.
@@ -217,6 +220,8 @@ class PreparedData:
 
 def resolve_manifest(settings: DataSettings) -> Manifest:
     """Load a prepared folder, or index a raw dataset folder once and keep its manifest."""
+    if is_remote(settings.root):
+        return Manifest.load(settings.root)  # only a prepared folder: indexing walks a local tree
     root = Path(settings.root)
     if not root.exists():
         raise DataError(f"data.root {root}: not found (make a synthetic world with `xmodal data synth {root}`)")
@@ -326,7 +331,7 @@ def padding_share(tile: int, wanted: int) -> float:
 
 
 def _signature_path(folder: Path) -> Path:
-    return folder / "stats.split.json"
+    return folder / SIGNATURE_FILE
 
 
 def _write_signature(folder: Path, signature: str) -> None:
@@ -344,4 +349,7 @@ def write_stats(manifest: Manifest, *, sar_db: bool = True, max_tiles: int | Non
     assert manifest.folder is not None
     save_stats(stats, manifest.folder)
     _write_signature(manifest.folder, split_signature(manifest))
+    if manifest.location is not None:  # the cache is a copy: the dataset's own folder keeps them
+        for name in (STATS_FILE, SIGNATURE_FILE):
+            upload(manifest.folder / name, join(manifest.location, name))
     return stats

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xmodal.data.manifest import STATS_FILE, DatasetInfo, Manifest, declared_reader, record_extra, record_meta
+from xmodal.data.manifest import SIGNATURE_FILE, STATS_FILE, DatasetInfo, Manifest, declared_reader, record_extra, record_meta
 from xmodal.data.readers.base import IndexResult, LoadOptions, Reader, get_reader, register_reader
 from xmodal.data.sample import PairedSample
+from xmodal.data.storage import check_reachable, is_remote, join, upload
 from xmodal.errors import DataError
 from xmodal.progress import track
 
@@ -42,9 +44,19 @@ def _to_bytes(array: np.ndarray, dtype: str) -> bytes:
 def pack(manifest: Manifest, out: str | Path, *, rows_per_file: int = 256, compression: str = "zstd") -> Manifest:
     """Write ``manifest``'s tiles into a packed store at ``out`` and return its manifest.
 
+    ``out`` may be an object-store URI (``s3://bucket/world``): the store is packed in a local
+    scratch folder and uploaded there.
+
     Raises:
         DataError: Tiles differ in size (a packed store needs one tile shape per dataset).
+        ConfigError: ``out`` is a URI whose bucket does not exist or cannot be written.
     """
+    if is_remote(out):
+        check_reachable(str(out), "the pack target")
+        with tempfile.TemporaryDirectory(prefix="xmodal-pack-") as scratch:
+            pack(manifest, scratch, rows_per_file=rows_per_file, compression=compression)
+            upload(scratch, str(out))
+        return Manifest.load(str(out))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     info = manifest.info
@@ -100,7 +112,7 @@ def pack(manifest: Manifest, out: str | Path, *, rows_per_file: int = 256, compr
     packed.save(out)
     if manifest.folder is not None and (manifest.folder / STATS_FILE).is_file():
         shutil.copy(manifest.folder / STATS_FILE, out / STATS_FILE)
-        signature = manifest.folder / "stats.split.json"
+        signature = manifest.folder / SIGNATURE_FILE
         if signature.is_file():
             shutil.copy(signature, out / signature.name)
     return Manifest.load(out)
@@ -150,11 +162,12 @@ class PackedReader(Reader):
 
     @classmethod
     def load(cls, record: dict[str, Any], info: DatasetInfo, data_root: Path, options: LoadOptions) -> PairedSample:
-        table = _read_part(str(data_root / record["sar_path"]))
+        part = join(data_root, record["sar_path"])
+        table = _read_part(part)
         row = record_extra(record)["row"]
         values = {name: table.column(name)[row].as_py() for name in table.column_names}
         if values["tile_id"] != record["tile_id"]:
-            raise DataError(f"{data_root / record['sar_path']}: row {row} holds {values['tile_id']!r}, not {record['tile_id']!r}")
+            raise DataError(f"{part}: row {row} holds {values['tile_id']!r}, not {record['tile_id']!r}")
         arrays = decode_row(values, info, options)
         return PairedSample(
             sar=arrays["sar"],

@@ -26,6 +26,7 @@ from xmodal.data.manifest import DatasetInfo
 from xmodal.data.readers.base import LoadOptions, get_reader
 from xmodal.data.sample import NO_LABEL
 from xmodal.data.stats import DatasetStats, convert_sar
+from xmodal.data.storage import is_remote
 from xmodal.errors import ConfigError, DataError
 
 GEOMETRIC_MODES = ("look_preserving", "d4", "none")
@@ -83,7 +84,7 @@ class Decoder:
         self, info: DatasetInfo, data_root: str | Path, options: LoadOptions, sar_db: bool, keep_optical_label: bool = False
     ) -> None:
         self.info = info
-        self.data_root = Path(data_root)
+        self.data_root = data_root if is_remote(data_root) else Path(data_root)  # a URI stays one (Path would fold its //)
         self.options = options
         self.sar_db = sar_db
         self.keep_optical_label = keep_optical_label

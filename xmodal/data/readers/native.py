@@ -20,6 +20,7 @@ from xmodal.data.geotiff import check_same_grid, read_raster
 from xmodal.data.manifest import DATASET_FILE, MANIFEST_FILE, DatasetInfo, Manifest, declared_reader, record_layers, record_meta
 from xmodal.data.readers.base import IndexResult, LoadOptions, Reader, register_reader
 from xmodal.data.sample import PairedSample
+from xmodal.data.storage import join
 from xmodal.errors import DataError
 
 
@@ -51,8 +52,8 @@ class NativeReader(Reader):
 
     @classmethod
     def load(cls, record: dict[str, Any], info: DatasetInfo, data_root: Path, options: LoadOptions) -> PairedSample:
-        sar = read_raster(data_root / record["sar_path"], expected_bands=len(info.sar_bands))
-        optical = read_raster(data_root / record["optical_path"], expected_bands=len(info.optical_bands))
+        sar = read_raster(join(data_root, record["sar_path"]), expected_bands=len(info.sar_bands))
+        optical = read_raster(join(data_root, record["optical_path"]), expected_bands=len(info.optical_bands))
         check_same_grid(sar.grid, optical.grid, sar.path, optical.path)
         layers = record_layers(record)
         arrays: dict[str, np.ndarray | None] = {"mask": None, "noisy_mask": None}
@@ -61,7 +62,7 @@ class NativeReader(Reader):
                 continue
             if layer not in layers:
                 raise DataError(f"tile {record['tile_id']!r}: no label layer {layer!r}; it has {sorted(layers)}")
-            arrays[key] = load_layer(data_root / layers[layer], layer, sar.grid, sar.path)
+            arrays[key] = load_layer(join(data_root, layers[layer]), layer, sar.grid, sar.path)
         return PairedSample(
             sar=sar.data,
             optical=optical.data,
