@@ -381,9 +381,37 @@ def stop_marked(marker: str, grace: float = 5.0) -> None:
             time.sleep(0.5)
 
 
+@pytest.fixture(scope="session")
+def python_without_xmodal(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Python with every dependency of xmodal but not xmodal itself, as on a stock Ray image.
+
+    A venv whose only site entry is this environment's site-packages folder, added as a plain path:
+    the .pth files in that folder (the editable install's import hook among them) are not run.
+    """
+    import site
+
+    venv = tmp_path_factory.mktemp("no-install") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    own = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True, text=True, check=True)
+    Path(own.stdout.strip(), "dependencies.pth").write_text(site.getsitepackages()[0] + "\n")
+    probe = subprocess.run([str(python), "-c", "import ray, torch, rasterio, optuna; import xmodal"], cwd=venv, capture_output=True, text=True)
+    assert "No module named 'xmodal'" in probe.stderr, probe.stderr[-2000:]
+    return python
+
+
+def ray_command(python: Path) -> list[str]:
+    """The `ray` CLI run by ``python``."""
+    return [str(python), "-m", "ray.scripts.scripts"]
+
+
 @pytest.fixture
-def ray_head() -> Iterator[dict]:
-    """A Ray head on 127.0.0.1 (dashboard on, token auth, 4 logical CPUs: one trial slot), stopped whatever happens."""
+def ray_head(python_without_xmodal: Path) -> Iterator[dict]:
+    """A Ray head on 127.0.0.1 (dashboard on, token auth, 4 logical CPUs: one trial slot), stopped whatever happens.
+
+    It runs a Python in which xmodal is not installed, with that Python first on the PATH: a job's
+    driver, its Train workers and its Ray Data tasks can only run the uploaded working dir's code.
+    """
     marker = secrets.token_hex(8)
     temp_dir = tempfile.mkdtemp(prefix="xrh", dir="/tmp")  # short: Unix socket paths are limited
     ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
@@ -398,21 +426,22 @@ def ray_head() -> Iterator[dict]:
         RAY_API_SERVER_ADDRESS=dashboard,
         XMODAL_TEST_CLUSTER=marker,
         PYTHONUNBUFFERED="1",
+        PATH=f"{python_without_xmodal.parent}{os.pathsep}{os.environ.get('PATH', '')}",
     )
-    command = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+    command = [*ray_command(python_without_xmodal), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
                "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={temp_dir}",
                '--system-config={"idle_worker_killing_time_threshold_ms":600000}'] + [f"--{k}={v}" for k, v in ports.items()]
     try:
         started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
         assert started.returncode == 0, started.stdout + started.stderr
-        yield {"address": dashboard, "env": env, "marker": marker, "temp_dir": temp_dir}
+        yield {"address": dashboard, "env": env, "marker": marker, "temp_dir": temp_dir, "ray": ray_command(python_without_xmodal)}
     finally:
         stop_marked(marker)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def ray_cli(head: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, *args, "--address", head["address"]], env=head["env"], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*head["ray"], *args, "--address", head["address"]], env=head["env"], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def job_status(head: dict, submission: str, token: bool = True) -> str:
@@ -442,7 +471,8 @@ def train_workers(marker: str) -> list[int]:
 @pytest.mark.ray
 def test_a_chain_sweep_as_a_ray_job_survives_a_killed_train_worker_and_shares_its_pretraining(ray_head: dict, tiny_world: Path, tmp_path: Path):
     """One command, `ray job submit --working-dir . --runtime-env cluster/runtime_env.local.yaml --
-    python -m xmodal.cli.main sweep` (= `xmodal sweep`), to a token-auth head: a two-phase chain
+    python -m xmodal.cli.main sweep` (= `xmodal sweep`), from and to a Python in which xmodal is not
+    installed (so the uploaded working dir is the code that runs), to a token-auth head: a two-phase chain
     sweep (pretrain -> finetune from it) with a per-phase swept key and 2 seeds. The first Train
     worker is killed (SIGKILL) once a checkpoint is registered: its run resumes from it. Then: both
     trials finish, the pretraining they share ran once, each finetuning records it as its input and
@@ -460,9 +490,9 @@ def test_a_chain_sweep_as_a_ray_job_survives_a_killed_train_worker_and_shares_it
     submission = f"xmodal-test-{secrets.token_hex(4)}"
     assert job_status(ray_head, submission, token=False).startswith("unknown (HTTP Error 401"), "the head must refuse requests without the token"
     submitted = subprocess.run(
-        [RAY, "job", "submit", "--address", ray_head["address"], "--submission-id", submission, "--no-wait",
+        [*ray_head["ray"], "job", "submit", "--address", ray_head["address"], "--submission-id", submission, "--no-wait",
          "--working-dir", ".", "--runtime-env", "cluster/runtime_env.local.yaml", "--entrypoint-num-cpus", "0", "--",
-         sys.executable, "-m", "xmodal.cli.main", "sweep", str(config)],
+         "python", "-m", "xmodal.cli.main", "sweep", str(config)],
         env=ray_head["env"], cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
