@@ -117,13 +117,20 @@ def write_text(location: str, text: str) -> None:
 
 
 def delete_tree(location: str) -> None:
-    """Remove a local folder or an object-store prefix with everything under it (nothing if absent)."""
+    """Remove a local folder or an object-store prefix with everything under it, or one file or
+    object (nothing if absent)."""
     if is_remote(location):
         import pyarrow.fs
 
         fs, path = filesystem(location)
-        if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        kind = fs.get_file_info(path).type
+        if kind == pyarrow.fs.FileType.File:
+            fs.delete_file(path)
+        elif kind != pyarrow.fs.FileType.NotFound:
             fs.delete_dir(path)
+        return
+    if Path(location).is_file():
+        Path(location).unlink()
         return
     shutil.rmtree(location, ignore_errors=True)
 

@@ -28,18 +28,19 @@ from xmodal.data.prepared import PreparedData, padding_share
 from xmodal.engine.config import ExperimentConfig
 from xmodal.engine.results import results_dir
 from xmodal.engine.setup import build_method
-from xmodal.engine.storage import is_remote
+from xmodal.engine.storage import check_reachable, is_remote
 from xmodal.errors import ConfigError, XmodalError
 from xmodal.methods.base import DataSpec, MethodContext
 
 
 def check_writable(location: str | Path, key: str) -> None:
-    """Create the local folder ``location`` (a URI is left to its store) and check it takes a file.
+    """Create the local folder ``location`` and check it takes a file (a URI: its bucket exists and can be listed).
 
     Raises:
         ConfigError: Naming ``key`` and the path that is in the way, or the missing permission.
     """
     if is_remote(location):
+        check_reachable(str(location), key)
         return
     folder = Path(location).expanduser().resolve()
     for parent in (folder, *folder.parents):

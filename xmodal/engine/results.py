@@ -1,6 +1,7 @@
 """What a finished run leaves for people and for later phases: ``run.json``, panels, artifacts.
 
-A run's results folder (``run.results`` or the run's storage, then the run name) holds:
+A run's results folder (``run.results`` or the run's storage, then the run name; a folder or an
+object-store URI) holds:
 
 * ``run.json``: the run summary (what ran, on what data and labelled subset, from which input
   checkpoints, which epoch was tested, its metrics, the tested and last checkpoints; when it
@@ -10,6 +11,11 @@ A run's results folder (``run.results`` or the run's storage, then the run name)
   what ``xmodal predict`` needs to prepare a scene as training did (:func:`inference_record`).
 * ``panels_test.png``: the method's test panel; ``artifacts/``: the test artifacts (arrays, PNGs).
 * ``tensorboard/``: per-step and per-epoch curves.
+* ``console.log``: the run's console and Ray's output.
+
+Results on object storage are written to a local staging folder (:func:`results_dir`) and uploaded
+(:func:`publish_results` when the run ends or fails, :func:`publish_tensorboard` by the rank-0
+worker after every epoch, wherever it runs), so nothing a user needs stays on one node's disk.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from xmodal.engine.config import ExperimentConfig
-from xmodal.engine.storage import is_remote
+from xmodal.engine.storage import cache_folder, delete_tree, is_remote, join, read_text, upload
 from xmodal.settings import json_safe, to_dict
 
 RUN_FILE = "run.json"
@@ -35,6 +41,7 @@ RESUME_HINT = "relaunch the command that started it (same name and run.storage) 
 # Beside every checkpoint's exports: what inference needs to feed a model as training did.
 INFERENCE_FILE = "inference.json"
 INFERENCE_FORMAT = 1
+TENSORBOARD_DIR = "tensorboard"
 
 
 @dataclass
@@ -47,7 +54,7 @@ class RunResult:
         checkpoint: The tested checkpoint (best on the method's selection, or the last with
             ``run.select: last``); what later phases receive by default.
         last_checkpoint: The last epoch's checkpoint.
-        results_dir: Its results folder.
+        results_dir: Its results folder (a URI for results on object storage).
         summary: The contents of ``run.json``.
     """
 
@@ -69,15 +76,51 @@ def storage_path(config: ExperimentConfig) -> str:
     return storage if is_remote(storage) else str(Path(storage).expanduser().resolve())
 
 
+def results_location(config: ExperimentConfig) -> str:
+    """Where this run's results are kept: ``run.results``, else ``run.storage`` (each a folder or a
+    URI), then the run name."""
+    base = config.run.results or config.run.storage
+    if is_remote(base):
+        return join(base, config.name)
+    return str((Path(base) / config.name).expanduser().resolve())
+
+
 def results_dir(config: ExperimentConfig) -> Path:
-    """Local folder for run.json, panels, artifacts and TensorBoard of this run."""
-    if config.run.results:
-        base = Path(config.run.results)
-    elif not is_remote(config.run.storage):
-        base = Path(config.run.storage)
-    else:
-        base = Path("results")
-    return (base / config.name).expanduser().resolve()
+    """Local folder run.json, panels, artifacts, TensorBoard and the console log are written to: the
+    results folder itself, or for results on object storage a staging copy of it on this machine
+    (uploaded by :func:`publish_results`)."""
+    location = results_location(config)
+    return cache_folder(location) if is_remote(location) else Path(location)
+
+
+def publish_results(config: ExperimentConfig) -> None:
+    """Upload a run's staged results to its results location on object storage (nothing for a local one).
+
+    Called when a run ends, finished or failed: a finished run's bucket copy loses the
+    ``failed.json`` an earlier failed launch left there.
+    """
+    location = results_location(config)
+    if not is_remote(location):
+        return
+    staged = results_dir(config)
+    upload(staged, location)
+    if not (staged / FAILED_FILE).is_file():
+        delete_tree(join(location, FAILED_FILE))
+
+
+def worker_results_dir(config: ExperimentConfig, planned: str) -> Path:
+    """Where a Train worker writes its TensorBoard files: the ``planned`` results folder (the
+    driver's), or for results on object storage this node's own staging copy (the driver's
+    staging folder is on another machine, or another user's cache)."""
+    return results_dir(config) if is_remote(results_location(config)) else Path(planned)
+
+
+def publish_tensorboard(config: ExperimentConfig, folder: str | Path) -> None:
+    """Upload the TensorBoard files a worker wrote in ``folder`` (its staged results folder) to the
+    run's results location on object storage: the rank-0 worker may run on any node."""
+    location = results_location(config)
+    if is_remote(location):
+        upload(Path(folder) / TENSORBOARD_DIR, join(location, TENSORBOARD_DIR))
 
 
 def summarise(
@@ -226,16 +269,17 @@ def read_run_result(config: ExperimentConfig) -> RunResult | None:
     """
     from xmodal.engine.config import same_fingerprint
 
-    path = results_dir(config) / RUN_FILE
-    if not path.is_file():
+    location = results_location(config)
+    text = read_text(join(location, RUN_FILE))
+    if text is None:
         return None
     try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
+        summary = json.loads(text)
+    except ValueError:
         return None
     if not same_fingerprint(summary.get("fingerprint"), config) or summary.get("epochs") != config.train.epochs:
         return None
     return RunResult(
         name=summary["name"], metrics=summary.get("metrics", {}), checkpoint=summary.get("checkpoint"),
-        last_checkpoint=summary.get("last_checkpoint"), results_dir=str(path.parent), summary=summary,
+        last_checkpoint=summary.get("last_checkpoint"), results_dir=location, summary=summary,
     )

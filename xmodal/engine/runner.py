@@ -27,7 +27,9 @@ from xmodal.engine.config import ExperimentConfig, check_same_run, fingerprint
 from xmodal.engine.console import CONSOLE, LOG_FILE
 from xmodal.engine.loop import WorkerPlan, train_loop_per_worker
 from xmodal.engine.preflight import preflight
-from xmodal.engine.results import SNAPSHOT_FILE, RunResult, read_snapshot, record_failure, results_dir, storage_path, summarise, write_run_results
+from xmodal.engine.results import (
+    SNAPSHOT_FILE, RunResult, publish_results, read_snapshot, record_failure, results_dir, results_location, storage_path, summarise, write_run_results,
+)
 from xmodal.engine.session import connect
 from xmodal.engine.setup import BestTracker, metric_spec, prepare_run_data, result_line, run_header
 from xmodal.engine.storage import is_remote, refuse_job_scratch
@@ -245,6 +247,7 @@ def run_single(config: ExperimentConfig, inputs: dict[str, ResolvedInput] | None
         return track_run(config, lambda tracked: _fit(config, plan, prepared, inputs, [*(callbacks or []), *tracked], adopted, started))
     finally:
         CONSOLE.log_to(None)
+        publish_results(config)  # results on object storage: the staged folder goes up, finished or failed
 
 
 def _fit(
@@ -276,7 +279,9 @@ def _fit(
     )
     write_run_results(plan.results_dir, summary, outcome, title=config.name)
     CONSOLE.line(result_line(config.name, summary))
-    return RunResult(name=config.name, metrics=summary["metrics"], checkpoint=tested, last_checkpoint=last, results_dir=plan.results_dir, summary=summary)
+    return RunResult(
+        name=config.name, metrics=summary["metrics"], checkpoint=tested, last_checkpoint=last, results_dir=results_location(config), summary=summary,
+    )
 
 
 def run_experiment(config: ExperimentConfig, only_phases: list[str] | None = None) -> list[RunResult]:

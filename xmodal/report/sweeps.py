@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from xmodal.engine.storage import join, upload
 from xmodal.errors import ConfigError
 from xmodal.report.stats import mean_and_error
 from xmodal.tune.spec import FINAL_KEY, RUN_FILE, SPEC_FILE, SweepSpec, split_trial_config
@@ -339,7 +340,8 @@ def render_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) ->
 
     Args:
         sweep_dir: A sweep folder, local or remote (``s3://``, ``gs://``: its small files are
-            copied to ``OUT/sweep`` first; checkpoints are not).
+            copied to ``OUT/sweep`` first, checkpoints are not, and the report is uploaded to
+            its ``report/`` too).
         out: Output folder (default: ``SWEEP_DIR/report``; for a remote sweep ``sweep-reports/<name>``).
 
     Returns:
@@ -358,7 +360,10 @@ def render_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) ->
         name = str(sweep_dir).rstrip("/").rsplit("/", 1)[-1]
         out = Path(out) if out else Path("sweep-reports") / name
         folder = fetch_sweep_folder(str(sweep_dir), out / "sweep")
-        return render_sweep_report(folder, out)
+        files = render_sweep_report(folder, out)
+        for path in files:  # the sweep folder keeps its report, as a local one does (a job's working dir is temporary)
+            upload(path, join(str(sweep_dir), REPORT_DIR, Path(path).relative_to(out).as_posix()))
+        return files
     folder = Path(sweep_dir)
     if not folder.is_dir():
         raise ConfigError(f"{folder}: no such sweep folder")
