@@ -53,7 +53,7 @@ def check_tracking_uri(value: str | None, where: str) -> None:
     """
     if value is None or value == LOCAL or value == "databricks":
         return
-    if not isinstance(value, str) or not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", value):
+    if not isinstance(value, str) or not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):  # host:port alone is no URI
         raise ConfigError(
             f"{where}={value!r}; expected local, a tracking server URL (http://host:5000) or a tracking URI "
             "(sqlite:///path/mlflow.db, postgresql://...)"
@@ -133,19 +133,17 @@ class Tracker:
         key: str,
         params: dict[str, Any] | None = None,
         tags: dict[str, str] | None = None,
-        parent: Tracker | None = None,
     ) -> Tracker:
-        """Open the run tagged ``key`` in ``experiment`` again (a resumed run or trial), else a new one.
+        """Open the run tagged ``key`` in ``experiment`` again (a resumed run or sweep), else a new one.
 
         Args:
             setting: ``run.mlflow``.
             folder: Where a ``local`` store lives.
             experiment: MLflow experiment name (made when missing).
             run_name: The run's name.
-            key: What identifies this run across launches (run name, sweep folder, trial id).
+            key: What identifies this run across launches (run name, sweep folder).
             params: Logged once (nested mappings as dotted keys).
             tags: Extra tags.
-            parent: The parent run (a sweep's), for a child run.
         """
         mlflow = require_mlflow()
         uri, artifacts = store_of(setting, folder)
@@ -158,21 +156,29 @@ class Tracker:
                 experiment_id = client.get_experiment_by_name(experiment).experiment_id
         else:
             experiment_id = found.experiment_id
+        return cls(uri, "", experiment_id)._open(client, run_name, key, params, tags, parent=None)
+
+    def child(self, run_name: str, *, key: str, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> Tracker:
+        """A nested run under this one (a sweep's trial), opened again when ``key`` exists."""
+        return Tracker(self.tracking_uri, "", self.experiment_id)._open(self.client, run_name, key, params, tags, parent=self)
+
+    def _open(
+        self, client: Any, run_name: str, key: str, params: dict[str, Any] | None, tags: dict[str, str] | None, parent: Tracker | None,
+    ) -> Tracker:
         scope = f" and tags.mlflow.parentRunId = '{parent.run_id}'" if parent else ""
-        earlier = client.search_runs([experiment_id], filter_string=f"tags.{RUN_KEY_TAG} = '{key}'{scope}", max_results=1)
+        earlier = client.search_runs([self.experiment_id], filter_string=f"tags.{RUN_KEY_TAG} = '{key}'{scope}", max_results=1)
+        self._client = client
         if earlier:
-            tracker = cls(uri, earlier[0].info.run_id, experiment_id)
-            client.update_run(tracker.run_id, status="RUNNING")
-        else:
-            all_tags = {RUN_KEY_TAG: key, **(tags or {})}
-            if parent is not None:
-                all_tags["mlflow.parentRunId"] = parent.run_id
-            run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
-            tracker = cls(uri, run.info.run_id, experiment_id)
-        tracker._client = client
-        if params and not earlier:
-            tracker.log_params(params)
-        return tracker
+            self.run_id = earlier[0].info.run_id
+            client.update_run(self.run_id, status="RUNNING")
+            return self
+        all_tags = {RUN_KEY_TAG: key, **(tags or {})}
+        if parent is not None:
+            all_tags["mlflow.parentRunId"] = parent.run_id
+        self.run_id = client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
+        if params:
+            self.log_params(params)
+        return self
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -233,8 +239,8 @@ def track_run(config: ExperimentConfig, fit: Callable[[list[Any]], RunResult]) -
     """Run ``fit`` (given the extra Train callbacks) inside an MLflow run when ``run.mlflow`` is set.
 
     The run (named and keyed by the run's name, so a resumed run continues it) gets the config as
-    params, each epoch's metrics, the tested metrics and the run's result files; a failed run ends
-    ``FAILED`` with its error line.
+    params, each epoch's metrics, the test metrics (at step = the last epoch) and the run's result
+    files; a failed run ends ``FAILED`` with its error line.
     """
     if config.run.mlflow is None:
         return fit([])
@@ -251,7 +257,8 @@ def track_run(config: ExperimentConfig, fit: Callable[[list[Any]], RunResult]) -
     except BaseException as exc:
         tracker.end("FAILED", error_line(exc))
         raise
-    tracker.log_metrics(result.metrics, step=config.train.epochs)
+    # The tested weights' validation metrics are an epoch's already: only the test metrics are new.
+    tracker.log_metrics({k: v for k, v in result.metrics.items() if k.startswith("test/")}, step=config.train.epochs)
     tracker.log_files(result_files(result.results_dir))
     tracker.end("FINISHED")
     return result
