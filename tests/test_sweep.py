@@ -124,7 +124,7 @@ def test_grid_with_seeds_enumerates_points_times_seeds():
     assert len(points) == 2 * 3
     assert all(("method_settings.dice_weight" in p) == (p["method_settings.input"] == "sar") for p in points)
     search, space, samples = make_search(spec, max_concurrent=2)
-    assert search is None and samples == 1
+    assert search.max_concurrent == 2 and samples == 1  # Tune's grid generator, its limit from ClusterSlots
     assert space["seed"]["grid_search"] == [0, 1, 2]
     assert space["point"]["grid_search"] == round_robin(points, "data.labels.fraction") != points
     params, seed = spec.trial_params({"point": points[0], "seed": 2})

@@ -111,3 +111,8 @@ def test_a_tracker_pickles_without_its_client(tmp_path: Path):
     assert run.data.metrics == {"val/iou": 0.4}
     # The same key under the same parent: the same child (a resumed trial).
     assert parent.child("trial-1", key="trial-1").run_id == child.run_id
+
+
+def test_a_local_store_beside_results_on_object_storage_is_refused():
+    with pytest.raises(ConfigError, match=r"run.mlflow=local keeps an SQLite store beside the results, and they are on object storage \(s3://b/x\)"):
+        Tracker.start("local", "s3://b/x", "sweep", "sweep", key="sweep:s3://b/x")

@@ -142,6 +142,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if not args.no_report:
         files = render_sweep_report(result.sweep_dir)
         print(f"  report: {Path(files[0]).parent}", flush=True)
+        result.log_report(files)  # run.mlflow: the report and figures on the sweep's MLflow run
         _print_zoo(files)
     if not result.states or set(result.states) == {"ERROR"}:
         raise XmodalError(f"sweep {result.name}: no trial finished; see the errors above and {result.sweep_dir}")

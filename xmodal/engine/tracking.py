@@ -77,6 +77,11 @@ def store_of(setting: str, folder: str | Path) -> tuple[str, str | None]:
     """Tracking URI and artifact location of a ``run.mlflow`` value (``local``: inside ``folder``)."""
     if setting != LOCAL:
         return setting, None
+    if "://" in str(folder):
+        raise ConfigError(
+            f"run.mlflow=local keeps an SQLite store beside the results, and they are on object storage ({folder}); "
+            "give run.mlflow a tracking server URL (http://host:5000) or a database URI"
+        )
     folder = Path(folder).expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / STORE_FILE}", (folder / ARTIFACTS_DIR).as_uri()

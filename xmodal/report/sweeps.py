@@ -34,7 +34,7 @@ import yaml
 from xmodal.engine.storage import join, upload
 from xmodal.errors import ConfigError
 from xmodal.report.stats import mean_and_error
-from xmodal.tune.spec import FINAL_KEY, RUN_FILE, SPEC_FILE, SweepSpec, split_trial_config
+from xmodal.tune.spec import FINAL_KEY, RERUN_FILE, RUN_FILE, SPEC_FILE, SweepSpec, split_trial_config
 
 REPORT_DIR = "report"
 # Tune trial states shown as they are; trials with neither a final report nor an error were
@@ -436,6 +436,13 @@ def render_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) ->
             lines.append("- test: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(tests.items())))
         if best_yaml is not None:
             lines.append(f"\nFull config: [`best.yaml`](best.yaml) (rerun with `xmodal run {best_yaml}`).")
+        lines.append("")
+    if (folder / RERUN_FILE).is_file():  # sweep.rerun_best: the best configuration again, over new seeds
+        rerun = json.loads((folder / RERUN_FILE).read_text())
+        lines += ["## Best configuration rerun over seeds", "", f"Seeds {rerun['seeds']} ({rerun['n']} finished):"]
+        for name, mean, std in ((rerun["metric"], rerun["mean"], rerun["std"]), (rerun["test_metric"], rerun.get("test_mean"), rerun.get("test_std"))):
+            if mean is not None:
+                lines.append(f"- {name}: **{mean:.4f} ± {std:.4f}** (mean ± std)")
         lines.append("")
     groups = seed_groups(trials, metric)
     if any(g["n"] > 1 for g in groups):

@@ -54,6 +54,8 @@ from xmodal.settings import from_dict, get_dotted, merge, set_dotted, to_dict
 # Files of a sweep folder (written by xmodal.tune.sweep, read by xmodal.report.sweeps).
 SPEC_FILE = "sweep.json"
 RUN_FILE = "sweep_run.json"
+RERUN_DIR = "rerun-best"  # the stage after the search (sweep.rerun_best): its Tune experiment
+RERUN_FILE = "rerun_best.json"  # and its mean +- std over seeds
 FINAL_KEY = "sweep/final"  # marks a trial's last row: its test metrics after training
 PARAMETER_TYPES = ("uniform", "loguniform", "int", "choice")
 SEARCHES = ("optuna", "random", "grid")
@@ -150,6 +152,23 @@ class AshaSettings:
 
 
 @dataclass
+class RerunBestSettings:
+    """The stage after the search (``sweep.rerun_best``): the best configuration trained again with
+    new seeds, so its score comes with a spread (mean +- std) rather than one lucky draw.
+
+    Attributes:
+        seeds: How many runs (0: no such stage); their seeds follow the largest seed the search
+            used (``sweep.seeds``, else the config's ``train.seed``), set on every ``sweep.seed_keys``.
+    """
+
+    seeds: int = 0
+
+    def __post_init__(self) -> None:
+        if self.seeds < 0:
+            raise ConfigError(f"sweep.rerun_best.seeds={self.seeds!r}; expected a number of runs (0: none)")
+
+
+@dataclass
 class SweepSettings:
     """The ``sweep:`` section (everything but ``parameters``).
 
@@ -188,6 +207,8 @@ class SweepSettings:
             worker per run and local storage only).
         report: A report beside the generic one: ``zoo`` (arms of a whole-phase choice against
             the last phase's task, label share and frozen / finetuned encoder; see :func:`zoo_keys`).
+        rerun_best: After the search, train the best configuration again with
+            ``{seeds: N}`` new seeds (:class:`RerunBestSettings`; default none).
     """
 
     search: str = "optuna"
@@ -208,6 +229,7 @@ class SweepSettings:
     local_cpus: int | None = None
     engine: str = "train"
     report: str | None = None
+    rerun_best: RerunBestSettings = field(default_factory=RerunBestSettings)
 
     def __post_init__(self) -> None:
         if self.report is not None and self.report not in REPORTS:

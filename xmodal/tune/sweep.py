@@ -12,6 +12,14 @@ Tune. Every earlier phase is named by a hash of its whole configuration and of i
 differ after) run it once. A lease lock held by a small Ray actor makes the others wait for it,
 and a trial that died holding one lets the next trial take over (resuming the phase's checkpoint).
 
+On a cluster, trial drivers ask for a resource only the head declares (:func:`driver_placement`),
+so a reclaimed spot GPU node never takes one with it; ``max_concurrent_trials: auto`` follows the
+cluster as nodes join and leave (:class:`ClusterSlots`). The Tuner names the sweep's metric and
+mode, so its ``ResultGrid`` (``SweepResult.result_grid``) ranks trials as the sweep does. A trial
+that runs out of CUDA memory fails alone, with that reason. ``sweep.rerun_best: {seeds: N}`` trains
+the best configuration again with N new seeds after the search (mean +- std in the summary and
+report); ``run.mlflow`` logs the sweep as an MLflow parent run with a child run per trial.
+
 Sweep folder (``<sweep.storage>/<name>``)::
 
     sweep.json              the validated sweep (a resumed sweep must match it)
@@ -20,6 +28,9 @@ Sweep folder (``<sweep.storage>/<name>``)::
     runs/trial-<id>/        Ray Train checkpoints of that trial (of its last phase, for a chain)
     runs/shared/<phase>-<hash>/  checkpoints of a chain's earlier phases, shared by the trials that need them
     results/trial-<id>/     its run.json and TensorBoard (when the sweep folder is local)
+    rerun-best/             Tune's files of the sweep.rerun_best stage (its trials' runs are in runs/ and results/)
+    rerun_best.json         that stage's runs and their mean +- std
+    mlflow.db, mlartifacts/ run.mlflow: local (on object storage: in the results folder)
     report/                 written by ``xmodal report`` (tables, best config, figures)
 """
 
@@ -41,14 +52,16 @@ from optuna.storages import RDBStorage
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Repeater
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from xmodal.engine.config import ExperimentConfig
 from xmodal.engine.console import CONSOLE, LOG_FILE
 from xmodal.engine.session import connect, state_api_available
 from xmodal.engine.storage import delete_tree, is_remote, portable_paths, read_text, write_text
-from xmodal.errors import ConfigError, RunFailedError, XmodalError, error_line, permanent_cause
+from xmodal.engine.tracking import Tracker, result_files
+from xmodal.errors import ConfigError, RunFailedError, XmodalError, _wrapped, error_line, permanent_cause
 from xmodal.tune.spec import (
-    FINAL_KEY, GRID_POINT_KEY, RUN_FILE, SEED_KEY, SPEC_FILE, SweepSpec, final_config, load_sweep, phase_runs, study_url_to_connect,
+    FINAL_KEY, GRID_POINT_KEY, RERUN_DIR, RERUN_FILE, RUN_FILE, SEED_KEY, SPEC_FILE, SweepSpec, final_config, load_sweep, phase_runs, study_url_to_connect,
     without_password,
 )
 
@@ -56,6 +69,13 @@ SHARED_DIR = "shared"
 LOCK_LEASE_SECONDS = 120.0
 
 STUDY_FILE = "optuna.db"
+# Where trial drivers run on a cluster: nodes declaring DRIVER_RESOURCE (the head, in cluster/), else
+# the head itself (HEAD_RESOURCE, which Ray gives every head). A marker share, never the limit.
+DRIVER_RESOURCE = "xmodal_driver"
+HEAD_RESOURCE = "node:__internal_head__"
+MARKER_SHARE = 0.001
+# How often max_concurrent_trials: auto looks at the cluster again (nodes join and leave).
+SLOTS_CHECK_SECONDS = 10.0
 
 
 @dataclass
@@ -92,6 +112,14 @@ class SweepResult:
     max_concurrent_trials: int
     study_storage: str | None = None
     trials: list[dict[str, Any]] = field(default_factory=list)
+    rerun: dict[str, Any] | None = None
+    result_grid: Any = None
+    tracking: Tracker | None = None
+
+    def log_report(self, files: list[str | Path]) -> None:
+        """Attach the sweep's report (tables, best config, figures) to its MLflow parent run."""
+        if self.tracking is not None:
+            self.tracking.log_files(list(files), artifact_path="report")
 
     def summary(self) -> str:
         """Human-readable lines (printed at the end of ``xmodal sweep``)."""
@@ -106,13 +134,27 @@ class SweepResult:
             params = ", ".join(f"{k}={v}" for k, v in self.best["params"].items())
             seed = "" if self.best.get("seed") is None else f" seed={self.best['seed']}"
             lines.append(f"  best {self.metric} ({self.mode}) {value:.4f}: {params}{seed}  [trial {self.best['trial_id']}]")
+        if self.rerun:
+            lines.append(f"  {rerun_line(self.rerun)}")
         for trial_id, error in self.errors.items():
             lines.append(f"  trial {trial_id} failed: {error}")
         lines.append(f"  folder: {self.sweep_dir}")
         lines.append(f"  look at it: xmodal report {self.sweep_dir}   |   tensorboard --logdir {self.sweep_dir}")
         if self.study_storage:
             lines.append(f"  optuna-dashboard {self.study_storage}")
+        if self.tracking is not None:
+            lines.append(f"  MLflow: run {self.tracking.run_id} at {self.tracking.tracking_uri}")
         return "\n".join(lines)
+
+
+def rerun_line(rerun: dict[str, Any]) -> str:
+    """The rerun stage in one line: mean +- std over its seeds (and of the test counterpart)."""
+    line = f"best configuration rerun with {rerun['n']} seed(s) {rerun['seeds']}: {rerun['metric']} "
+    line += "n/a" if rerun["mean"] is None else f"{rerun['mean']:.4f} ± {rerun['std']:.4f}"
+    if rerun.get("test_mean") is not None:
+        line += f", {rerun['test_metric']} {rerun['test_mean']:.4f} ± {rerun['test_std']:.4f}"
+    failed = [r["trial_id"] for r in rerun["runs"] if r["value"] is None]
+    return line + (f" ({len(failed)} failed: {', '.join(failed)})" if failed else "")
 
 
 # ----------------------------------------------------------------------------- paths and resources
@@ -152,10 +194,35 @@ def trial_resources(config: ExperimentConfig, trial_cpus: float, engine: str = "
         resources = {"CPU": max(trial_cpus, *(r.scaling.cpus_per_worker for r in runs))}
     else:
         resources = {"CPU": max(r.scaling.num_workers * r.scaling.cpus_per_worker for r in runs) + trial_cpus}
-    gpus = max((r.scaling.num_workers for r in runs if r.scaling.use_gpu), default=0)
+    gpus = max((r.scaling.num_workers * r.scaling.gpus_per_worker for r in runs if r.scaling.use_gpu), default=0)
     if gpus:
         resources["GPU"] = float(gpus)
     return resources
+
+
+def driver_placement(cluster: dict[str, float]) -> dict[str, float]:
+    """The custom resource that keeps a trial's driver actor off spot GPU workers: a trial that
+    lost its driver restarts from its checkpoint, but one reclaimed GPU node would take every
+    driver on it. ``xmodal_driver`` where the cluster declares it (cluster/ declares it on the
+    head), else the head itself."""
+    return {DRIVER_RESOURCE if cluster.get(DRIVER_RESOURCE) else HEAD_RESOURCE: MARKER_SHARE}
+
+
+def trial_actor_resources(spec: SweepSpec, base: ExperimentConfig, per_trial: dict[str, float], cluster: dict[str, float]) -> dict[str, float]:
+    """What Tune reserves for each trial's own actor (``tune.with_resources``).
+
+    With Ray Train the actor only drives its runs: ``sweep.trial_cpus`` on the driver nodes
+    (:func:`driver_placement`); the Train workers ask for their GPUs (fractions and GPU model
+    included) themselves. With the plain engine the actor trains: it holds the trial's CPUs, its
+    GPU share and the ``accelerator_type:<model>`` resource of the GPU model it needs.
+    """
+    if spec.settings.engine != "plain":
+        return {"cpu": spec.settings.trial_cpus, **driver_placement(cluster)}
+    actor = {"cpu": per_trial["CPU"], "gpu": per_trial.get("GPU", 0.0)}
+    for run in phase_runs(base):
+        if run.scaling.use_gpu and run.scaling.accelerator_type:
+            actor[f"accelerator_type:{run.scaling.accelerator_type}"] = MARKER_SHARE
+    return actor
 
 
 def reserved_data_cpus(spec: SweepSpec, base: ExperimentConfig) -> float:
@@ -182,6 +249,42 @@ def concurrent_trials(cluster: dict[str, float], per_trial: dict[str, float], da
     if per_trial.get("GPU"):
         fits.append(math.floor(cluster.get("GPU", 0) / per_trial["GPU"] + 1e-9))
     return max(1, min(fits) if fits else 1)
+
+
+class ClusterSlots:
+    """Trial slots of a sweep: a fixed number, or (``max_concurrent_trials: auto``) what the cluster
+    holds *now*, looked at again every :data:`SLOTS_CHECK_SECONDS` while the sweep runs.
+
+    Counted once at the start, a sweep on an autoscaling cluster whose GPU nodes had not joined yet
+    ran one trial at a time to the end. The count follows the cluster up (and down, as spot nodes
+    go), with a console line on each change.
+    """
+
+    def __init__(self, name: str, per_trial: dict[str, float], data_cpus: float, fixed: int | None = None) -> None:
+        self.name, self.per_trial, self.data_cpus, self.fixed = name, dict(per_trial), data_cpus, fixed
+        self.value: int | None = None
+        self.checked = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "value": None, "checked": 0.0}  # a restored sweep looks again
+
+    def current(self) -> int:
+        """Trials that may run at once now."""
+        if self.fixed is not None:
+            return self.fixed
+        now = time.monotonic()
+        if self.value is None or now - self.checked >= SLOTS_CHECK_SECONDS:
+            import ray
+
+            cluster = ray.cluster_resources()
+            value = concurrent_trials(cluster, self.per_trial, self.data_cpus)
+            if self.value is not None and value != self.value:
+                CONSOLE.line(
+                    f"[sweep {self.name}] {value} trial slot(s) now (were {self.value}): the cluster holds "
+                    f"{cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs"
+                )
+            self.value, self.checked = value, now
+        return self.value
 
 
 # ----------------------------------------------------------------------------- searchers
@@ -220,7 +323,30 @@ class _KeepsOwnState:
 
 
 class StatefulLimiter(_KeepsOwnState, ConcurrencyLimiter):
-    """``ConcurrencyLimiter`` that remembers its live trials across ``Tuner.restore``."""
+    """``ConcurrencyLimiter`` that remembers its live trials across ``Tuner.restore`` and takes its
+    limit from :class:`ClusterSlots` each time Tune asks for a trial."""
+
+    def __init__(self, searcher: Any, max_concurrent: int, slots: ClusterSlots | None = None) -> None:
+        super().__init__(searcher, max_concurrent=max_concurrent)
+        self.slots = slots
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if getattr(self, "slots", None) is not None:
+            self.max_concurrent = self.slots.current()
+        return super().suggest(trial_id)
+
+
+class ClusterSizedGrid(BasicVariantGenerator):
+    """Tune's grid generator with its concurrency limit from :class:`ClusterSlots`, asked again for
+    each trial (Tune's own ``max_concurrent_trials`` is fixed at the start)."""
+
+    def __init__(self, slots: ClusterSlots) -> None:
+        super().__init__(max_concurrent=slots.current())
+        self.slots = slots
+
+    def next_trial(self) -> Any:
+        self.max_concurrent = self.slots.current()
+        return super().next_trial()
 
 
 class StatefulRepeater(_KeepsOwnState, Repeater):
@@ -261,17 +387,22 @@ class StudyStorage(RDBStorage):
         super().__setstate__({**state, "url": study_url_to_connect(state["url"])})
 
 
-def make_search(spec: SweepSpec, max_concurrent: int) -> tuple[Any, dict[str, Any], int]:
-    """Tune search algorithm, param_space and num_samples of a sweep."""
+def make_search(spec: SweepSpec, max_concurrent: int | ClusterSlots) -> tuple[Any, dict[str, Any], int]:
+    """Tune search algorithm, param_space and num_samples of a sweep.
+
+    Args:
+        max_concurrent: Trial slots, or the :class:`ClusterSlots` that count them as the cluster changes.
+    """
     from ray import tune
 
     settings = spec.settings
     seeds = spec.seeds
+    slots = max_concurrent if isinstance(max_concurrent, ClusterSlots) else ClusterSlots(spec.name, {}, 0.0, fixed=int(max_concurrent))
     if settings.search == "grid":
         space: dict[str, Any] = {GRID_POINT_KEY: tune.grid_search(round_robin(spec.grid_points(), spec.parameters[0].key if spec.parameters else None))}
         if len(seeds) > 1:
             space[SEED_KEY] = tune.grid_search(seeds)
-        return None, space, 1
+        return ClusterSizedGrid(slots), space, 1
 
     import optuna
     from ray.tune.search.optuna import OptunaSearch
@@ -286,7 +417,7 @@ def make_search(spec: SweepSpec, max_concurrent: int) -> tuple[Any, dict[str, An
     searcher: Any = OptunaSearch(spec.suggest, metric=spec.metric, mode=spec.mode, sampler=sampler, study_name=spec.name, storage=storage)
     if len(seeds) > 1:
         searcher = StatefulRepeater(searcher, repeat=len(seeds), set_index=True)
-    return StatefulLimiter(searcher, max_concurrent=max_concurrent), {}, settings.num_samples * len(seeds)
+    return StatefulLimiter(searcher, max_concurrent=slots.current(), slots=slots), {}, settings.num_samples * len(seeds)
 
 
 class FinishingASHA(ASHAScheduler):
@@ -297,6 +428,13 @@ class FinishingASHA(ASHAScheduler):
     test metrics, which its final report (``sweep/final``) brings after that epoch. Every epoch's
     result names the trial's last epoch (``epochs``; ``max_t``, the sweep's largest, when absent).
     """
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        """Accept the Tuner's metric and mode when they are this scheduler's own (the Tuner names
+        them too, so its ``ResultGrid`` ranks trials)."""
+        if (metric, mode) == (self._metric, self._mode):
+            return True
+        return super().set_search_properties(metric, mode, **spec)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
         last = result.get("epochs", self._max_t)
@@ -355,6 +493,7 @@ def trial_config(plan: TrialPlan, tune_config: dict[str, Any], trial_id: str) ->
     raw = spec.experiment_raw(params, seed, f"trial-{trial_id}")
     raw.setdefault("run", {})
     raw["run"]["storage"] = plan.sweep_dir.rstrip("/") + "/runs"
+    raw["run"]["mlflow"] = None  # the sweep's driver logs every trial as a child run (SweepTracking)
     raw["run"]["results"] = plan.results_root
     return build_config(raw, f"{spec.source} trial {trial_id}")
 
@@ -457,10 +596,42 @@ def sweep_trial(tune_config: dict[str, Any], plan: TrialPlan) -> None:
         raise RunFailedError(earlier, permanent=True)
     try:
         _sweep_trial(tune_config, plan, trial_id)
-    except XmodalError as exc:
-        if permanent_cause(exc) is not None or _train_gave_up(exc):
+    except Exception as exc:
+        oom = out_of_memory(exc)
+        if oom is not None:  # the same configuration on the same GPU share would run out again
+            line = out_of_memory_line(oom, trial_id)
+            write_text(marker, line)
+            raise RunFailedError(line, permanent=True) from exc
+        if isinstance(exc, XmodalError) and (permanent_cause(exc) is not None or _train_gave_up(exc)):
             write_text(marker, error_line(exc))
         raise
+
+
+def out_of_memory(exc: BaseException) -> BaseException | None:
+    """The CUDA out-of-memory error ``exc`` is or carries (Ray Train wraps a worker's in its own errors)."""
+    import torch
+
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, torch.OutOfMemoryError):
+            return current
+        todo += _wrapped(current)
+    return None
+
+
+def out_of_memory_line(oom: BaseException, trial_id: str) -> str:
+    """What a trial that ran out of GPU memory records: the sweep goes on without it."""
+    first = next((line.strip() for line in str(oom).splitlines() if line.strip()), "")
+    return (
+        f"CUDA out of memory in trial {trial_id} ({first[:200] or 'torch.OutOfMemoryError'}): this configuration does not fit "
+        "its GPU share, so it is not run again and the sweep goes on (lower data.batch_size or the model's size, or "
+        "raise scaling.gpus_per_worker)"
+    )
 
 
 def _train_gave_up(exc: BaseException) -> bool:
@@ -577,6 +748,142 @@ class SweepProgress(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = read_text(permanent_failure_marker(self.folder, trial.trial_id)) or "see its error.txt"
         CONSOLE.line(self.status(trial.trial_id, trial.last_result, error=error.strip()))
+
+
+class SweepTracking(Callback):
+    """MLflow child runs of a sweep's trials, logged from the Tune driver under the sweep's parent
+    run (:mod:`xmodal.engine.tracking` says why from the driver): the swept values and seed as
+    params, every epoch's metrics at step = epoch, the test metrics after training, the trial's
+    result files, and a failed trial ``FAILED`` with its error line."""
+
+    def __init__(self, spec: SweepSpec, folder: str, parent: Tracker, stage: str = "search") -> None:
+        self.spec, self.folder, self.parent, self.stage = spec, folder, parent, stage
+        self.children: dict[str, Tracker] = {}
+
+    def child(self, trial: Any) -> Tracker:
+        """The trial's MLflow run (opened again after a resume: keyed by trial id)."""
+        if trial.trial_id not in self.children:
+            params, seed = self.spec.trial_params(trial.config)
+            self.children[trial.trial_id] = self.parent.child(
+                f"trial-{trial.trial_id}", key=f"trial-{trial.trial_id}", params={**params, "seed": seed},
+                tags={"xmodal_stage": self.stage, "xmodal_trial": trial.trial_id},
+            )
+        return self.children[trial.trial_id]
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.child(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:
+        final = bool(result.get(FINAL_KEY))
+        # The final row repeats the tested epoch's validation metrics: only its test metrics are new.
+        metrics = {k: v for k, v in result.items() if "/" in k and k != FINAL_KEY and (not final or k.startswith("test/"))}
+        self.child(trial).log_metrics(metrics, step=result.get("epoch"))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        child = self.child(trial)
+        folder = (trial.last_result or {}).get("results_dir")
+        if isinstance(folder, str) and not is_remote(folder):
+            child.log_files(result_files(folder))
+        child.end("FINISHED" if (trial.last_result or {}).get(FINAL_KEY) else "KILLED")  # KILLED: stopped early (ASHA)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = read_text(permanent_failure_marker(self.folder, trial.trial_id)) or "see the trial's error.txt"
+        self.child(trial).end("FAILED", error.strip())
+
+
+def open_sweep_tracking(spec: SweepSpec, base: ExperimentConfig, folder: str, results_root: str) -> Tracker | None:
+    """The sweep's MLflow parent run (``run.mlflow`` of its experiment; ``None`` when unset), opened
+    again when the sweep resumes. A ``local`` store lives in the sweep folder (or, on object
+    storage, in the local results folder)."""
+    if base.run.mlflow is None:
+        return None
+    settings = {k: v for k, v in spec.to_plain()["settings"].items() if k != "study_storage"}
+    parameters = {p.key: p.type if p.type != "choice" else list(p.choices) for p in spec.parameters}
+    return Tracker.start(
+        base.run.mlflow, results_root if is_remote(folder) else folder, spec.name, spec.name, key=f"sweep:{folder}",
+        params={"sweep": settings, "parameters": parameters, "metric": spec.metric, "mode": spec.mode},
+        tags={"xmodal_stage": "sweep", "xmodal_folder": folder},
+    )
+
+
+def dashboard_line(name: str, joined: bool) -> str:
+    """The Ray dashboard's URL, for the sweep's first lines. On a cluster it is the address the head
+    registered (reachable inside the cluster's network): from a laptop, ``ray dashboard
+    <cluster yaml>`` or a ``kubectl port-forward`` of the head's port 8265 brings it to localhost."""
+    import ray
+
+    try:
+        url = ray._private.worker.get_dashboard_url()
+    except Exception:  # noqa: BLE001 - an older or client-mode Ray: say nothing wrong
+        url = ""
+    if not url:
+        return f"[sweep {name}] Ray dashboard: not running in the Ray this sweep uses"
+    url = url if "://" in url else f"http://{url}"
+    if not joined:
+        return f"[sweep {name}] Ray dashboard: {url}"
+    return (
+        f"[sweep {name}] Ray dashboard: {url} (the head's address in the cluster; from your machine: "
+        "ray dashboard <cluster yaml>, or kubectl port-forward to the head's port 8265)"
+    )
+
+
+def rerun_seeds(spec: SweepSpec, base: ExperimentConfig) -> list[int]:
+    """Seeds of the rerun stage: the ones after the largest seed the search used."""
+    used = [seed for seed in spec.seeds if seed is not None] or [final_config(base).train.seed]
+    return list(range(max(used) + 1, max(used) + 1 + spec.settings.rerun_best.seeds))
+
+
+def rerun_best(spec: SweepSpec, plan: TrialPlan, trainable: Any, best: dict[str, Any], slots: int, callbacks: list[Any]) -> dict[str, Any]:
+    """The stage after the search: the best configuration trained again with
+    ``sweep.rerun_best.seeds`` new seeds, as a Tune experiment of its own (``<sweep>/rerun-best``,
+    resumed with the sweep); its mean +- std goes to ``rerun_best.json``, the summary and the report.
+    """
+    from ray import tune
+
+    folder = f"{plan.sweep_dir.rstrip('/')}/{RERUN_DIR}"
+    seeds = rerun_seeds(spec, base_experiment(spec))
+    shown = ", ".join(f"{k}={v}" for k, v in best["params"].items()) or "the base settings"
+    CONSOLE.line(f"[sweep {spec.name}] rerunning the best configuration ({shown}) with seeds {seeds}")
+    if tune.Tuner.can_restore(folder):
+        tuner = tune.Tuner.restore(folder, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={GRID_POINT_KEY: dict(best["params"]), SEED_KEY: tune.grid_search(seeds)},
+            tune_config=tune.TuneConfig(
+                metric=spec.metric, mode=spec.mode, max_concurrent_trials=slots, trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name=RERUN_DIR, storage_path=plan.sweep_dir, failure_config=trial_failure_config(spec), verbose=0, callbacks=callbacks,
+            ),
+        )
+    tuner.fit()
+    record = summarise_rerun(spec, folder, best)
+    write_text(f"{plan.sweep_dir.rstrip('/')}/{RERUN_FILE}", json.dumps(record, indent=2))
+    CONSOLE.line(f"[sweep {spec.name}] {rerun_line(record)}")
+    return record
+
+
+def summarise_rerun(spec: SweepSpec, folder: str, best: dict[str, Any]) -> dict[str, Any]:
+    """Mean +- std of the rerun stage's trials, of the ranking metric and its test counterpart."""
+    from xmodal.report.stats import mean_and_error
+    from xmodal.report.sweeps import final_value, load_trials
+
+    test_metric = spec.metric.replace("val/", "test/", 1)
+    runs = []
+    for trial in sorted(load_trials(folder), key=lambda t: t["params"].get(SEED_KEY, 0)):
+        value = final_value(trial, spec.metric) if trial["state"] == "TERMINATED" else None
+        test = (trial["final"] or {}).get(test_metric) if value is not None else None
+        runs.append({"trial_id": trial["trial_id"], "seed": trial["params"].get(SEED_KEY), "state": trial["state"], "value": value, "test": test})
+    values = [r["value"] for r in runs if r["value"] is not None]
+    tests = [float(r["test"]) for r in runs if isinstance(r["test"], (int, float))]
+    mean, std, _ = mean_and_error(values) if values else (None, None, None)
+    test_mean, test_std, _ = mean_and_error(tests) if tests and test_metric != spec.metric else (None, None, None)
+    return {
+        "params": best["params"], "searched": {"trial_id": best["trial_id"], "value": best["value"]},
+        "metric": spec.metric, "mode": spec.mode, "seeds": [r["seed"] for r in runs], "runs": runs, "n": len(values),
+        "mean": mean, "std": std, "test_metric": test_metric, "test_mean": test_mean, "test_std": test_std,
+    }
 
 
 # ----------------------------------------------------------------------------- Ray
@@ -714,10 +1021,13 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
         slots = settings.max_concurrent_trials
         if resume:  # a restored sweep keeps the concurrency it started with
             slots = json.loads(read_text(folder.rstrip("/") + "/" + RUN_FILE) or "{}").get("max_concurrent_trials", slots)
-        if slots == "auto":
-            slots = concurrent_trials(ray.cluster_resources(), per_trial, reserved_data_cpus(spec, base))
-        actor = {"cpu": per_trial["CPU"], "gpu": per_trial.get("GPU", 0)} if settings.engine == "plain" else {"cpu": settings.trial_cpus}
+        CONSOLE.line(dashboard_line(spec.name, joined=not started_ray or bool(base.run.address or os.environ.get("RAY_ADDRESS"))))
+        cluster_slots = ClusterSlots(spec.name, per_trial, reserved_data_cpus(spec, base), fixed=None if slots == "auto" else int(slots))
+        slots = cluster_slots.current()
+        actor = trial_actor_resources(spec, base, per_trial, ray.cluster_resources())
         trainable = tune.with_resources(tune.with_parameters(sweep_trial, plan=plan), actor)
+        tracking = open_sweep_tracking(spec, base, folder, results_root)
+        tracked = [SweepTracking(spec, folder, tracking)] if tracking else []
         if resume:
             keep_trial_results(folder)
             delete_tree(f"{folder.rstrip('/')}/{PERMANENT_FAILURES_DIR}")  # the user may have fixed their cause
@@ -725,7 +1035,7 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
             CONSOLE.line(f"[sweep {spec.name}] resuming from {folder}")
         else:
             write_text(folder.rstrip("/") + "/" + SPEC_FILE, json.dumps(spec.to_plain(), indent=2))
-            search_alg, param_space, num_samples = make_search(spec, slots)
+            search_alg, param_space, num_samples = make_search(spec, cluster_slots)
             grid = [len(v["grid_search"]) for v in param_space.values() if isinstance(v, dict) and "grid_search" in v]
             total = num_samples * math.prod(grid)
             progress = SweepProgress(spec.name, folder, spec.metric, spec.mode, int(slots), total)
@@ -736,7 +1046,9 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
                     search_alg=search_alg,
                     scheduler=make_scheduler(spec),
                     num_samples=num_samples,
-                    max_concurrent_trials=slots if search_alg is None else None,
+                    max_concurrent_trials=None,  # the search algorithm counts slots as the cluster changes (ClusterSlots)
+                    metric=spec.metric,  # also the ResultGrid's: get_best_result() ranks as the sweep does
+                    mode=spec.mode,
                     trial_name_creator=trial_name,
                     trial_dirname_creator=trial_name,
                 ),
@@ -745,7 +1057,7 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
                     storage_path=settings.storage,
                     failure_config=trial_failure_config(spec),
                     verbose=0,  # SweepProgress prints a line per ended trial
-                    callbacks=[progress],
+                    callbacks=[progress, *tracked],
                 ),
             )
             CONSOLE.line(
@@ -756,7 +1068,8 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
         _record_session(folder, int(slots), started, None, resume)
         # Trials of a chain sweep coordinate their shared phases through this actor (no CPU held).
         locks = ray.remote(num_cpus=0)(PhaseLocks).options(name=lock_actor_name(spec.name), get_if_exists=True).remote()
-        tuner.fit()
+        result_grid = tuner.fit()
+        rerun = run_rerun_stage(spec, plan, trainable, int(slots), tracking) if settings.rerun_best.seeds else None
         del locks
     finally:
         ended = time.time()
@@ -769,7 +1082,41 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
             ray.shutdown()
             _restore_env("RAY_API_SERVER_ADDRESS", saved_api_address)
     _record_session(folder, int(slots), started, ended, resume)
-    return summarise_sweep(spec, folder, started, ended, int(slots))
+    result = summarise_sweep(spec, folder, started, ended, int(slots))
+    result.result_grid, result.rerun, result.tracking = result_grid, rerun, tracking
+    if tracking is not None:
+        finish_sweep_tracking(tracking, result)
+    return result
+
+
+def run_rerun_stage(spec: SweepSpec, plan: TrialPlan, trainable: Any, slots: int, tracking: Tracker | None) -> dict[str, Any] | None:
+    """:func:`rerun_best` on the search's best finished trial (``None`` when no trial finished)."""
+    from xmodal.report.sweeps import best_trial, final_value, load_trials
+
+    best = best_trial(load_trials(plan.sweep_dir), spec.metric, spec.mode)
+    if best is None:
+        CONSOLE.line(f"[sweep {spec.name}] no trial finished: nothing to rerun")
+        return None
+    callbacks: list[Any] = [SweepProgress(spec.name, f"{plan.sweep_dir.rstrip('/')}/{RERUN_DIR}", spec.metric, spec.mode, slots, spec.settings.rerun_best.seeds)]
+    if tracking is not None:
+        callbacks.append(SweepTracking(spec, f"{plan.sweep_dir.rstrip('/')}/{RERUN_DIR}", tracking, stage="rerun_best"))
+    chosen = {"trial_id": best["trial_id"], "params": best["params"], "value": final_value(best, spec.metric)}
+    return rerun_best(spec, plan, trainable, chosen, slots, callbacks)
+
+
+def finish_sweep_tracking(tracking: Tracker, result: SweepResult) -> None:
+    """The sweep's outcome on its MLflow parent run: the best value and trial, the rerun's spread."""
+    metrics: dict[str, Any] = {"trials_per_hour": result.trials_per_hour, "busy_share": result.busy_share}
+    if result.best:
+        metrics[f"best/{result.metric}"] = result.best["value"]
+        tracking.set_tags({"xmodal_best_trial": result.best["trial_id"], "xmodal_best_params": json.dumps(result.best["params"], default=str)})
+    if result.rerun and result.rerun["mean"] is not None:
+        metrics.update({f"rerun/{result.metric}/mean": result.rerun["mean"], f"rerun/{result.metric}/std": result.rerun["std"]})
+        if result.rerun.get("test_mean") is not None:
+            test = result.rerun["test_metric"]
+            metrics.update({f"rerun/{test}/mean": result.rerun["test_mean"], f"rerun/{test}/std": result.rerun["test_std"]})
+    tracking.log_metrics(metrics)
+    tracking.end("FINISHED" if result.best else "FAILED", None if result.best else "no trial finished")
 
 
 def _restore_env(name: str, saved: str | None) -> None:
