@@ -38,7 +38,7 @@ def test_a_config_asking_for_mlflow_without_it_names_the_extra(tmp_path: Path, m
         require_mlflow()
     config = tracked_config(tmp_path)
     with pytest.raises(ConfigError, match=r"pip install xmodal\[mlflow\]"):
-        track_run(config, lambda callbacks: pytest.fail("the run must not start"))
+        track_run(config, lambda tracker: pytest.fail("the run must not start"))
 
 
 def test_a_run_logs_its_config_every_epoch_and_its_files_and_a_relaunch_continues_it(tmp_path: Path):
@@ -48,9 +48,11 @@ def test_a_run_logs_its_config_every_epoch_and_its_files_and_a_relaunch_continue
     folder = results_dir(config)
     seen_callbacks = []
 
-    def fit(callbacks):
+    def fit(tracker):
         """Stands in for Ray Train: the epoch callback travels pickled to Train's controller."""
-        (callback,) = [pickle.loads(pickle.dumps(c)) for c in callbacks]
+        from xmodal.engine.tracking_train import epoch_callbacks
+
+        (callback,) = [pickle.loads(pickle.dumps(c)) for c in epoch_callbacks(tracker)]
         seen_callbacks.append(callback)
         for epoch, iou in ((1, 0.25), (2, 0.5)):
             callback.after_report(None, [{"epoch": epoch, "val/iou": iou, "train/loss": 1.0 / epoch, "results_dir": str(folder), "flag": True}], None)
@@ -76,7 +78,7 @@ def test_a_run_logs_its_config_every_epoch_and_its_files_and_a_relaunch_continue
     assert {"run.json", "panels_test.png"} <= artifacts and "tensorboard" not in artifacts
 
     # Relaunched (a resumed run of the same name): the same MLflow run goes on.
-    again = track_run(config, lambda callbacks: RunResult("tracked", {"test/iou": 0.6}, None, str(folder)))
+    again = track_run(config, lambda tracker: RunResult("tracked", {"test/iou": 0.6}, None, str(folder)))
     assert again.metrics == {"test/iou": 0.6}
     (run_again,) = client.search_runs([run.info.experiment_id])
     assert run_again.info.run_id == run.info.run_id and run_again.data.metrics["test/iou"] == 0.6
@@ -84,7 +86,7 @@ def test_a_run_logs_its_config_every_epoch_and_its_files_and_a_relaunch_continue
     # A run that fails ends FAILED with its error line (same store: one results folder for all runs).
     broken = tracked_config(tmp_path, "name=broken")
 
-    def fail(callbacks):
+    def fail(tracker):
         raise TrainingError("non-finite loss at step 3 (lr 10.0)")
 
     with pytest.raises(TrainingError):
@@ -96,7 +98,7 @@ def test_a_run_logs_its_config_every_epoch_and_its_files_and_a_relaunch_continue
 def test_no_tracking_without_the_setting(tmp_path: Path):
     config = load_config(BASELINE, [f"run.storage={tmp_path}"])
     assert config.run.mlflow is None
-    assert track_run(config, lambda callbacks: callbacks) == []
+    assert track_run(config, lambda tracker: tracker) is None
     assert not list(tmp_path.rglob(STORE_FILE))
 
 
@@ -116,3 +118,33 @@ def test_a_tracker_pickles_without_its_client(tmp_path: Path):
 def test_a_local_store_beside_results_on_object_storage_is_refused():
     with pytest.raises(ConfigError, match=r"run.mlflow=local keeps an SQLite store beside the results, and they are on object storage \(s3://b/x\)"):
         Tracker.start("local", "s3://b/x", "sweep", "sweep", key="sweep:s3://b/x")
+
+
+def test_a_plain_engine_run_logs_every_epoch(tiny_world: Path, tmp_path: Path):
+    """`xmodal run --plain` (no Ray): the run's epochs reach MLflow through the engine's report hook."""
+    from mlflow import MlflowClient
+
+    from xmodal.engine.plain import run_plain
+
+    config = load_config(BASELINE, [
+        f"data.root={tiny_world}", "data.tile_size=64", "data.batch_size=4", "train.epochs=2", "name=plain-tracked", "run.panels=0",
+        f"run.storage={tmp_path / 'runs'}", "run.mlflow=local", "model.encoder_depth=3", "model.decoder_channels=[16, 8, 8]",
+        "scaling.torch_threads=1",
+    ])
+    (result,) = run_plain(config, log=lambda line: None)
+    client = MlflowClient(f"sqlite:///{local_root(config) / STORE_FILE}")
+    (run,) = client.search_runs([client.get_experiment_by_name("plain-tracked").experiment_id])
+    assert run.info.status == "FINISHED"
+    metric = next(k for k in run.data.metrics if k.startswith("val/"))
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, metric)) == [1, 2]
+    assert run.data.metrics[metric.replace("val/", "test/", 1)] == pytest.approx(result.metrics[metric.replace("val/", "test/", 1)])
+    assert "run.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_a_tracking_server_that_does_not_answer_is_named(monkeypatch):
+    from xmodal.engine.session import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow retries for minutes by default
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ConfigError, match=rf"run.mlflow='{url}': the tracking store cannot be reached \(.*Connection refused"):
+        Tracker.start(url, "unused", "sweep", "sweep", key="sweep:x")

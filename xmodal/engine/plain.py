@@ -27,6 +27,7 @@ from xmodal.engine.preflight import preflight
 from xmodal.engine.results import RunResult, inference_record, record_failure, results_dir, summarise, write_run_results
 from xmodal.engine.setup import BestTracker, build_method, metric_spec, prepare_run_data, result_line, run_header
 from xmodal.engine.storage import is_remote
+from xmodal.engine.tracking import track_run
 from xmodal.engine.training import STATE_FILE, LoopData, LoopState, open_tensorboard, resume_from, run_epochs, write_checkpoint
 from xmodal.errors import ConfigError, DataError, error_line
 from xmodal.methods.base import Collectives, MethodContext
@@ -175,4 +176,10 @@ def run_plain(
 ) -> list[RunResult]:
     """Run a config in this process: a single run, or its phases in order, as the Ray engine would."""
     torch.set_num_threads(config.scaling.torch_threads or os.cpu_count() or 1)
-    return run_chain(config, lambda phase, inputs: run_plain_single(phase, inputs, device=device, num_workers=num_workers, log=log), only_phases)
+
+    def run_one(phase: ExperimentConfig, inputs: dict[str, ResolvedInput]) -> RunResult:  # run.mlflow: an MLflow run, epochs from report
+        return track_run(phase, lambda tracker: run_plain_single(
+            phase, inputs, device=device, num_workers=num_workers, log=log, report=tracker.log_epoch if tracker else None,
+        ))
+
+    return run_chain(config, run_one, only_phases)

@@ -34,6 +34,7 @@ from xmodal.engine.session import connect
 from xmodal.engine.setup import BestTracker, metric_spec, prepare_run_data, result_line, run_header
 from xmodal.engine.storage import is_remote, refuse_job_scratch
 from xmodal.engine.tracking import track_run
+from xmodal.engine.tracking_train import epoch_callbacks
 from xmodal.engine.training import SELECTION_KEY, STATE_FILE
 from xmodal.methods.exports import DamagedFileError, read_torch_file
 from xmodal.errors import RunFailedError, error_line, permanent_cause
@@ -244,7 +245,7 @@ def run_single(config: ExperimentConfig, inputs: dict[str, ResolvedInput] | None
     )
     CONSOLE.log_to(Path(plan.results_dir) / LOG_FILE)
     try:  # run.mlflow: an MLflow run around the fit (tracking adds its per-epoch callback)
-        return track_run(config, lambda tracked: _fit(config, plan, prepared, inputs, [*(callbacks or []), *tracked], adopted, started))
+        return track_run(config, lambda tracker: _fit(config, plan, prepared, inputs, [*(callbacks or []), *epoch_callbacks(tracker)], adopted, started))
     finally:
         CONSOLE.log_to(None)
         publish_results(config)  # results on object storage: the staged folder goes up, finished or failed

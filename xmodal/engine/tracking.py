@@ -153,7 +153,10 @@ class Tracker:
         mlflow = require_mlflow()
         uri, artifacts = store_of(setting, folder)
         client = mlflow.MlflowClient(uri)
-        found = client.get_experiment_by_name(experiment)
+        try:
+            found = client.get_experiment_by_name(experiment)
+        except mlflow.exceptions.MlflowException as exc:  # a server that does not answer, after MLflow's retries
+            raise ConfigError(f"run.mlflow={setting!r}: the tracking store cannot be reached ({error_line(exc)[:300]})") from exc
         if found is None:
             try:
                 experiment_id = client.create_experiment(experiment, artifact_location=artifacts)
@@ -201,6 +204,10 @@ class Tracker:
         for start in range(0, len(items), _BATCH_METRICS):
             self.client.log_batch(self.run_id, metrics=items[start:start + _BATCH_METRICS])
 
+    def log_epoch(self, metrics: dict[str, Any]) -> None:
+        """One epoch's metrics at step = its ``epoch`` (the engine numbers epochs from 1)."""
+        self.log_metrics(metrics, step=metrics.get("epoch"))
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value)[:5000])
@@ -240,25 +247,27 @@ def local_root(config: ExperimentConfig) -> Path:
     return folder
 
 
-def track_run(config: ExperimentConfig, fit: Callable[[list[Any]], RunResult]) -> RunResult:
-    """Run ``fit`` (given the extra Train callbacks) inside an MLflow run when ``run.mlflow`` is set.
+def track_run(config: ExperimentConfig, fit: Callable[[Tracker | None], RunResult]) -> RunResult:
+    """Run ``fit`` inside an MLflow run when ``run.mlflow`` is set.
+
+    ``fit`` gets the run's :class:`Tracker` (``None`` without ``run.mlflow``) for its epochs: Ray
+    Train runs through :func:`~xmodal.engine.tracking_train.epoch_callbacks`, the plain engine
+    through ``report=tracker.log_epoch``.
 
     The run (named and keyed by the run's name, so a resumed run continues it) gets the config as
     params, each epoch's metrics, the test metrics (at step = the last epoch) and the run's result
     files; a failed run ends ``FAILED`` with its error line.
     """
     if config.run.mlflow is None:
-        return fit([])
+        return fit(None)
     plain = config.to_plain()
     plain.pop("phases", None)
     tracker = Tracker.start(
         config.run.mlflow, local_root(config), config.name.split("/")[0], config.name, key=config.name,
         params=plain, tags={"xmodal_method": config.method},
     )
-    from xmodal.engine.tracking_train import EpochMetrics
-
     try:
-        result = fit([EpochMetrics(tracker)])
+        result = fit(tracker)
     except BaseException as exc:
         tracker.end("FAILED", error_line(exc))
         raise

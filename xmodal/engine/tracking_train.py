@@ -16,5 +16,10 @@ class EpochMetrics(UserCallback):
         self.tracker = tracker
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if metrics:
-            self.tracker.log_metrics(metrics[0], step=metrics[0].get("epoch"))
+        if metrics:  # rank 0's report
+            self.tracker.log_epoch(metrics[0])
+
+
+def epoch_callbacks(tracker: Tracker | None) -> list[UserCallback]:
+    """The Train callbacks that log a run's epochs to ``tracker`` (none without tracking)."""
+    return [] if tracker is None else [EpochMetrics(tracker)]
