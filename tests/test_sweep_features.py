@@ -345,3 +345,15 @@ def test_a_sweep_on_an_mlflow_server_with_an_oom_trial_and_a_rerun_of_the_best(t
     finally:
         _stop(server)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_a_sweep_started_before_a_setting_existed_still_resumes(tmp_path: Path):
+    """sweep.json of a sweep started before sweep.rerun_best existed lacks it: a resume must not call
+    that a changed config."""
+    spec = load_sweep(sweep_dict(), [f"sweep.storage={tmp_path}"])
+    stored = json.loads(json.dumps(spec.to_plain()))
+    del stored["settings"]["rerun_best"]
+    sweep_module._check_same_sweep(stored, spec, "folder")
+    stored["settings"]["num_samples"] = 99
+    with pytest.raises(ConfigError, match=r"settings.\{num_samples\} differ"):
+        sweep_module._check_same_sweep(stored, spec, "folder")

@@ -916,6 +916,11 @@ def start_ray(spec: SweepSpec, base: ExperimentConfig, per_trial: dict[str, floa
 
 
 def _check_same_sweep(stored: dict[str, Any], spec: SweepSpec, folder: str) -> None:
+    from xmodal.settings import to_dict
+    from xmodal.tune.spec import SweepSettings
+
+    # Settings added since the sweep started (e.g. rerun_best) take their defaults: a resume after an upgrade.
+    stored = {**stored, "settings": {**to_dict(SweepSettings()), **(stored.get("settings") or {})}}
     # Paths compare relative to a Ray job's working dir: a resubmission after a code change unpacks
     # the same job under another _ray_pkg_<hash> folder.
     stored, current = portable_paths(stored), portable_paths(json.loads(json.dumps(spec.to_plain())))
