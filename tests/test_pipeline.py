@@ -104,3 +104,78 @@ def test_ray_datasets_of_a_run_streams_and_evaluation_shares(tiny_world: Path, r
         shares = [{int(r["index"]) for r in datasets[f"{split}@{k}"].take_all()} for k in range(2)]
         assert not shares[0] & shares[1] and shares[0] | shares[1] == {r["index"] for r in prepared.records(split)}
         assert datasets[f"{split}@0"].take(1)[0]["sar"].shape == (2, 64, 64), "evaluation: one view"
+
+
+def _decode_tasks(dataset) -> int:
+    """Tasks the decode stage of an executed dataset ran (from Ray Data's stats)."""
+    import re
+
+    lines = [line for line in dataset.stats().splitlines() if "_decode" in line and "tasks executed" in line]
+    assert len(lines) == 1, dataset.stats()
+    return int(re.search(r"(\d+) tasks executed", lines[0]).group(1))
+
+
+def test_block_decode_equals_tile_decode(tiny_world: Path):
+    """A decode task's block (one GDAL environment for all its files) gives exactly the tiles the
+    per-tile decoder gives, field by field and bit for bit."""
+    from xmodal.data.pipeline import _decode_batch
+    from xmodal.data.transforms import stack
+
+    prepared = prepare_data(settings(tiny_world))
+    records = prepared.records("train")[:6]
+    # As Ray Data hands a block of from_items records to the task: one numpy column per field.
+    batch = {key: np.array([r[key] for r in records]) for key in records[0]}
+    got = _decode_batch(batch, prepared)
+    decoder = prepared.decoder()
+    expected = stack([decoder(r) for r in records])
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype
+        np.testing.assert_array_equal(got[key], expected[key])
+
+
+@pytest.mark.ray
+def test_every_block_is_one_decode_task(tiny_world: Path, ray_local):
+    """9 blocks were decoded by 5 uneven tasks when map_batches bundled a block smaller than its
+    batch size with the next: each block is now one task, so the tasks are even."""
+    prepared = prepare_data(settings(tiny_world, blocks=6, cache="never"))
+    assert len(prepared.records("train")) == 20  # blocks of 4, 4, 3, 3, 3, 3 tiles: a 3 was always bundled
+    dataset = build_dataset(prepared, "train")
+    rows = dataset.take_all()
+    assert len(rows) == len(prepared.records("train"))
+    assert _decode_tasks(dataset) == 6
+
+
+@pytest.mark.ray
+def test_packed_store_is_decoded_in_parallel_and_equals_the_geotiffs(tiny_world: Path, tmp_path: Path, ray_local):
+    """One Parquet part was read, decoded and prepared in one task (one core for a whole part);
+    its rows are now decoded in blocks of their own, and give the GeoTIFF path's tiles exactly."""
+    pack(Manifest.load(tiny_world), tmp_path / "packed", rows_per_file=256)
+    packed = prepare_data(settings(tmp_path / "packed", blocks=4, cache="never"))
+    assert len({r["sar_path"] for r in packed.records("train")}) == 1
+    dataset = build_dataset(packed, "train")
+    assert len(dataset.take_all()) == len(packed.records("train"))
+    assert _decode_tasks(dataset) == 4
+    native = prepare_data(settings(tiny_world, cache="never"))
+    # The stores number their tiles apart (a packed manifest lists train first): match by tile id.
+    from_store = sorted(build_dataset(packed, "test").take_all(), key=lambda r: packed.tile_id(int(r["index"])))
+    from_tiffs = sorted(build_dataset(native, "test").take_all(), key=lambda r: native.tile_id(int(r["index"])))
+    assert [packed.tile_id(int(r["index"])) for r in from_store] == [native.tile_id(int(r["index"])) for r in from_tiffs]
+    for key in ("sar", "optical", "mask", "sar_valid", "optical_valid", "label"):
+        np.testing.assert_array_equal(np.stack([r[key] for r in from_store]), np.stack([r[key] for r in from_tiffs]))
+
+
+@pytest.mark.ray
+def test_decode_workers_are_warmed_once_per_ray_session(tiny_world: Path, ray_local):
+    import ray
+
+    from xmodal.data import pipeline
+
+    prepared = prepare_data(settings(tiny_world, cache="never"))
+    build_dataset(prepared, "train")
+    context = ray.get_runtime_context()
+    session = (str(context.gcs_address), context.get_job_id())
+    warmed = pipeline._WARMED[session]
+    assert len(warmed) >= 1 and ray.get(warmed, timeout=120) == [None] * len(warmed)  # the imports ran
+    build_dataset(prepared, "val", train=False)
+    assert pipeline._WARMED[session] is warmed

@@ -43,11 +43,14 @@ class TileDataset(torch.utils.data.Dataset):
         return self.preparer.views(self.decoder(self.records[position]), rng, self.views)
 
 
-def torch_loader(prepared: PreparedData, split: str, *, num_workers: int = 0, shuffle: bool | None = None) -> torch.utils.data.DataLoader:
-    """A plain DataLoader reading the same files with the same transforms."""
+def torch_loader(
+    prepared: PreparedData, split: str, *, num_workers: int = 0, shuffle: bool | None = None, records: list | None = None
+) -> torch.utils.data.DataLoader:
+    """A plain DataLoader reading the same files with the same transforms (``records``: these
+    records of ``split`` rather than all of them, e.g. the tiles a benchmark gives Ray Data too)."""
     train = split == "train"
     return torch.utils.data.DataLoader(
-        TileDataset(prepared, split),
+        TileDataset(prepared, split, records=records),
         batch_size=prepared.settings.batch_size,
         shuffle=train if shuffle is None else shuffle,
         num_workers=num_workers,
