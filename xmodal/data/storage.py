@@ -81,6 +81,18 @@ def check_reachable(location: str, key: str) -> None:
         ) from None
 
 
+# pyarrow filesystem type -> the URI scheme that names its paths
+_SCHEMES = {"s3": "s3", "gcs": "gs", "abfs": "abfs", "hdfs": "hdfs"}
+
+
+def location_of(fs: Any, path: str) -> str:
+    """The location (local path or URI) of ``path`` inside the ``pyarrow.fs`` filesystem ``fs``:
+    what Ray's ``Checkpoint.path`` means, given its ``Checkpoint.filesystem`` (which Ray gives
+    without a scheme: ``bucket/runs/...``)."""
+    scheme = _SCHEMES.get(getattr(fs, "type_name", "local"))
+    return f"{scheme}://{path.lstrip('/')}" if scheme else path
+
+
 def exists(location: str) -> bool:
     """Whether a local file/folder or an object/prefix exists."""
     if not is_remote(location):

@@ -23,7 +23,7 @@ from xmodal.data.prepared import PreparedData
 from xmodal.engine.collectives import current_collectives
 from xmodal.engine.config import ExperimentConfig
 from xmodal.engine.console import throttled, worker_line, worker_progress
-from xmodal.engine.results import inference_record
+from xmodal.engine.results import inference_record, publish_tensorboard, worker_results_dir
 from xmodal.engine.setup import BestTracker, build_method, metric_spec
 from xmodal.engine.training import STATE_FILE, LoopData, LoopState, open_tensorboard, resume_from, run_epochs, write_checkpoint
 from xmodal.errors import DataError
@@ -153,7 +153,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     saved = _latest_state(plan, device)
     if saved is not None:
         resume_from(saved, method, state, config, config.run.storage, log)
-    writer = open_tensorboard(plan.results_dir, state) if rank == 0 else None
+    staged = worker_results_dir(config, plan.results_dir)
+    writer = open_tensorboard(staged, state) if rank == 0 else None
 
     batch_size, shuffle = config.data.worker_batch_size(world), config.data.shuffle_buffer
     labelled = "labelled" in plan.needs.streams
@@ -182,6 +183,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 }
                 write_checkpoint(folder, record, method.exports(), inference_record(plan.prepared))
                 report_checkpoint = ray.train.Checkpoint.from_directory(folder)
+                if writer is not None:  # curves on object storage as the run goes (rank 0 may be on any node)
+                    writer.flush()
+                    publish_tensorboard(config, staged)
             ray.train.report(metrics, checkpoint=report_checkpoint)
 
     outcome = run_epochs(
@@ -191,4 +195,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     )
     if writer is not None:
         writer.close()
+        publish_tensorboard(config, staged)
     return outcome if rank == 0 else None

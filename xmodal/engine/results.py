@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from xmodal.engine.config import ExperimentConfig
-from xmodal.engine.storage import cache_folder, delete_tree, is_remote, join, read_text, upload
+from xmodal.engine.storage import cache_folder, delete_tree, is_remote, join, location_of, read_text, upload
 from xmodal.settings import json_safe, to_dict
 
 RUN_FILE = "run.json"
@@ -106,6 +106,13 @@ def publish_results(config: ExperimentConfig) -> None:
     upload(staged, location)
     if not (staged / FAILED_FILE).is_file():
         delete_tree(join(location, FAILED_FILE))
+
+
+def checkpoint_location(checkpoint: Any) -> str:
+    """Where a Ray Train checkpoint is, as xmodal names places: its local folder or its URI (Ray's
+    ``Checkpoint.path`` drops the scheme of a checkpoint on object storage, and the run summary's
+    ``checkpoint`` must still lead there: later phases and ``xmodal predict`` read it)."""
+    return location_of(checkpoint.filesystem, checkpoint.path)
 
 
 def worker_results_dir(config: ExperimentConfig, planned: str) -> Path:

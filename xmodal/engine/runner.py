@@ -28,7 +28,7 @@ from xmodal.engine.console import CONSOLE, LOG_FILE
 from xmodal.engine.loop import WorkerPlan, train_loop_per_worker
 from xmodal.engine.preflight import preflight
 from xmodal.engine.results import (
-    SNAPSHOT_FILE, RunResult, publish_results, read_snapshot, record_failure, results_dir, results_location, storage_path, summarise, write_run_results,
+    SNAPSHOT_FILE, RunResult, checkpoint_location, publish_results, read_snapshot, record_failure, results_dir, results_location, storage_path, summarise, write_run_results,
 )
 from xmodal.engine.session import connect
 from xmodal.engine.setup import BestTracker, metric_spec, prepare_run_data, result_line, run_header
@@ -213,9 +213,9 @@ def _checkpoint_of_epoch(result: Any, epoch: int | None) -> str | None:
     """The kept checkpoint reported after ``epoch``: the one that was tested."""
     for checkpoint, metrics in getattr(result, "best_checkpoints", None) or []:
         if metrics.get("epoch") == epoch:
-            return checkpoint.path
+            return checkpoint_location(checkpoint)
     latest = result.checkpoint
-    return latest.path if latest is not None and epoch == (result.metrics or {}).get("epoch") else None
+    return checkpoint_location(latest) if latest is not None and epoch == (result.metrics or {}).get("epoch") else None
 
 
 def run_single(config: ExperimentConfig, inputs: dict[str, ResolvedInput] | None = None, callbacks: list[Any] | None = None) -> RunResult:
@@ -272,7 +272,7 @@ def _fit(
     if adopted is not None:
         remove_untracked_checkpoints(config)
     outcome = result.return_value or {}
-    last = result.checkpoint.path if result.checkpoint is not None else None
+    last = checkpoint_location(result.checkpoint) if result.checkpoint is not None else None
     tested = _checkpoint_of_epoch(result, outcome.get("tested_epoch")) or last
     summary = summarise(
         config, outcome, spec=plan.spec, checkpoint=tested, last_checkpoint=last, started=started,

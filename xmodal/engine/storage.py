@@ -9,7 +9,9 @@ from typing import Any
 
 # The object-store primitives live with the data layer (which reads data roots through them);
 # the engine and sweeps import them from here with what only runs need.
-from xmodal.data.storage import cache_folder, check_reachable, delete_tree, download, exists, filesystem, is_remote, join, read_text, upload, write_text  # noqa: F401
+from xmodal.data.storage import (  # noqa: F401 (re-exported)
+    cache_folder, check_reachable, delete_tree, download, exists, filesystem, is_remote, join, location_of, read_text, upload, write_text,
+)
 from xmodal.errors import ConfigError
 
 # `ray job submit --working-dir` unpacks the job's code into <temp>/session_*/runtime_resources/
