@@ -23,11 +23,13 @@ report); ``run.mlflow`` logs the sweep as an MLflow parent run with a child run 
 Sweep folder (``<sweep.storage>/<name>``)::
 
     sweep.json              the validated sweep (a resumed sweep must match it)
-    optuna.db               the Optuna study (SQLite; optuna-dashboard opens it)
+    optuna.db               the Optuna study (SQLite; optuna-dashboard opens it); on object storage a copy,
+                            uploaded after every trial that ends (see study_storage_url)
+    console.log             the sweep's console and Ray's output (on object storage: uploaded at the end)
     trial-<id>/             Tune's files per trial: params.json, progress.csv, result.json, TensorBoard
     runs/trial-<id>/        Ray Train checkpoints of that trial (of its last phase, for a chain)
     runs/shared/<phase>-<hash>/  checkpoints of a chain's earlier phases, shared by the trials that need them
-    results/trial-<id>/     its run.json and TensorBoard (when the sweep folder is local)
+    results/trial-<id>/     its run.json, TensorBoard and console log (on object storage too)
     rerun-best/             Tune's files of the sweep.rerun_best stage (its trials' runs are in runs/ and results/)
     rerun_best.json         that stage's runs and their mean +- std
     mlflow.db, mlartifacts/ run.mlflow: local (on object storage: in the results folder)
@@ -57,7 +59,9 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from xmodal.engine.config import ExperimentConfig
 from xmodal.engine.console import CONSOLE, LOG_FILE
 from xmodal.engine.session import connect, state_api_available
-from xmodal.engine.storage import delete_tree, is_remote, portable_paths, read_text, write_text
+from xmodal.engine.storage import (
+    cache_folder, check_reachable, delete_tree, download, filesystem, is_remote, join, portable_paths, read_text, upload, write_text,
+)
 from xmodal.engine.tracking import Tracker, result_files
 from xmodal.errors import ConfigError, RunFailedError, XmodalError, _wrapped, error_line, permanent_cause
 from xmodal.tune.spec import (
@@ -166,13 +170,68 @@ def sweep_dir(spec: SweepSpec) -> str:
 
 
 def study_storage_url(spec: SweepSpec) -> str | None:
-    """Optuna RDB URL: the setting, else a SQLite file in a local sweep folder."""
+    """Optuna RDB URL: the setting, else a SQLite file in the sweep folder, or for a sweep folder
+    on object storage in its local copy (:func:`local_study_file`)."""
     if spec.settings.search == "grid":
         return None
     if spec.settings.study_storage:
         return spec.settings.study_storage
     folder = sweep_dir(spec)
-    return None if is_remote(folder) else f"sqlite:///{Path(folder) / STUDY_FILE}"
+    return f"sqlite:///{local_study_file(folder) if is_remote(folder) else Path(folder) / STUDY_FILE}"
+
+
+def local_study_file(folder: str) -> Path:
+    """The working copy of a sweep's SQLite study when the sweep folder is on object storage.
+
+    SQLite needs a local file, so the study lives in this machine's cache: downloaded from the
+    sweep folder when the sweep starts (a resume, possibly on a fresh machine), uploaded back
+    after every trial that ends and at the end (:func:`upload_study`). One process, the sweep's
+    driver, writes it (Optuna runs there), so a copy is never behind by more than the trials
+    still running, which a resume runs again anyway. A SQLite file rather than Optuna's journal
+    file: the same file a local sweep keeps, which optuna-dashboard opens.
+    """
+    return cache_folder(folder) / STUDY_FILE
+
+
+# The cache folder names of the remote sweeps this process runs -> their study's local copy now:
+# a restored searcher (Tune's pickles) names the copy of the machine that started the sweep.
+_LOCAL_STUDIES: dict[str, Path] = {}
+
+
+def _relocated_study_url(url: str) -> str:
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if path.name == STUDY_FILE and path.parent.name in _LOCAL_STUDIES:
+            return f"sqlite:///{_LOCAL_STUDIES[path.parent.name]}"
+    return url
+
+
+def fetch_study(folder: str) -> None:
+    """Make the local copy of a remote sweep's study the bucket's (none there: a new study)."""
+    local = local_study_file(folder)
+    _LOCAL_STUDIES[local.parent.name] = local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.unlink(missing_ok=True)
+    download(join(folder, STUDY_FILE), local)
+
+
+def upload_study(folder: str) -> None:
+    """Upload a consistent snapshot of a remote sweep's local study (SQLite's backup API: never a
+    file caught between two writes)."""
+    import sqlite3
+
+    local = local_study_file(folder)
+    if not local.is_file():
+        return
+    snapshot = local.with_name(f"{STUDY_FILE}.upload")
+    source, target = sqlite3.connect(local), sqlite3.connect(snapshot)
+    try:
+        source.backup(target)
+    finally:
+        source.close()
+        target.close()
+    upload(snapshot, join(folder, STUDY_FILE))
+    snapshot.unlink(missing_ok=True)
 
 
 def base_experiment(spec: SweepSpec) -> ExperimentConfig:
@@ -384,7 +443,7 @@ class StudyStorage(RDBStorage):
         return state
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
-        super().__setstate__({**state, "url": study_url_to_connect(state["url"])})
+        super().__setstate__({**state, "url": study_url_to_connect(_relocated_study_url(state["url"]))})
 
 
 def make_search(spec: SweepSpec, max_concurrent: int | ClusterSlots) -> tuple[Any, dict[str, Any], int]:
@@ -744,10 +803,17 @@ class SweepProgress(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         CONSOLE.line(self.status(trial.trial_id, trial.last_result))
+        self._keep_study()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = read_text(permanent_failure_marker(self.folder, trial.trial_id)) or "see its error.txt"
         CONSOLE.line(self.status(trial.trial_id, trial.last_result, error=error.strip()))
+        self._keep_study()
+
+    def _keep_study(self) -> None:
+        """A sweep on object storage: the study's local copy goes up once Optuna has the trial's result."""
+        if is_remote(self.folder):
+            upload_study(self.folder)
 
 
 class SweepTracking(Callback):
@@ -990,6 +1056,7 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
     settings = spec.settings
     base = base_experiment(spec)
     per_trial = trial_resources(base, settings.trial_cpus, settings.engine)
+    check_reachable(folder, "sweep.storage")
     exists = tune.Tuner.can_restore(folder)
     if exists and not resume:
         raise ConfigError(
@@ -1007,15 +1074,15 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
     ensure_data(base)
     check_data_plans(spec)
 
-    results_root = settings.results or (
-        str(Path(folder) / "results") if not is_remote(folder) else str(Path("results/sweeps").resolve() / spec.name)
-    )
+    results_root = settings.results or join(folder, "results")
+    if is_remote(folder):
+        fetch_study(folder)  # before Tune restores its searcher, which reads the study
     plan = TrialPlan(spec=spec, sweep_dir=folder, results_root=results_root)
     saved_api_address = os.environ.get("RAY_API_SERVER_ADDRESS")
     started_ray = start_ray(spec, base, per_trial)
     started = time.time()
     CONSOLE.show_runs = False
-    CONSOLE.log_to(Path(folder if not is_remote(folder) else results_root) / LOG_FILE)
+    CONSOLE.log_to((cache_folder(folder) if is_remote(folder) else Path(folder)) / LOG_FILE)
     # Tune's newer console output prints its header and status tables at any verbosity; the
     # classic reporter is silent at verbose=0 (SweepProgress prints a line per ended trial).
     saved_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
@@ -1080,6 +1147,9 @@ def run_sweep(source: str | Path | dict[str, Any] | SweepSpec, overrides: list[s
         ended = time.time()
         CONSOLE.show_runs = True
         CONSOLE.log_to(None)
+        if is_remote(folder):  # what a local sweep folder holds, on object storage too
+            upload_study(folder)
+            upload(cache_folder(folder) / LOG_FILE, join(folder, LOG_FILE))
         _restore_env("RAY_AIR_NEW_OUTPUT", saved_output)
         if started_ray:
             import ray
@@ -1139,9 +1209,16 @@ def keep_trial_results(folder: str) -> None:
     from its checkpoint, but the epochs reported before the interruption would vanish from Tune's
     files); the report reads the copies too.
     """
-    if is_remote(folder):
-        return  # cloud folders: the runs' own TensorBoard logs keep every epoch
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    if is_remote(folder):
+        import pyarrow.fs
+
+        fs, root = filesystem(folder)
+        trials = [i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)) if i.base_name.startswith("trial-")]
+        for result in fs.get_file_info([f"{trial}/result.json" for trial in trials]):
+            if result.type == pyarrow.fs.FileType.File and result.size:
+                fs.copy_file(result.path, result.path.rsplit("/", 1)[0] + f"/result-before-{stamp}.json")
+        return
     for result in Path(folder).glob("trial-*/result.json"):
         if result.stat().st_size:
             (result.parent / f"result-before-{stamp}.json").write_bytes(result.read_bytes())
