@@ -179,3 +179,13 @@ def test_decode_workers_are_warmed_once_per_ray_session(tiny_world: Path, ray_lo
     assert len(warmed) >= 1 and ray.get(warmed, timeout=120) == [None] * len(warmed)  # the imports ran
     build_dataset(prepared, "val", train=False)
     assert pipeline._WARMED[session] is warmed
+
+
+@pytest.mark.ray
+def test_a_broken_packed_part_is_named(tiny_world: Path, tmp_path: Path, ray_local):
+    pack(Manifest.load(tiny_world), tmp_path / "packed", rows_per_file=256)
+    prepared = prepare_data(settings(tmp_path / "packed", cache="never"))
+    part = tmp_path / "packed" / prepared.records("test")[0]["sar_path"]
+    part.write_bytes(b"not parquet")
+    with pytest.raises(DataError, match=f"{part.name}: cannot be read as a packed Parquet part"):
+        build_dataset(prepared, "test").take_all()
