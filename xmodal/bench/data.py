@@ -1,53 +1,167 @@
 """``bench_data``: tiles/s of the Ray Data pipeline delivered into a Ray Train worker, beside a
 plain PyTorch DataLoader reading the same files with the same transforms on the same cores, and
-the raw single-process decode rate."""
+the raw single-process decode rate; for the GeoTIFF tree and for its packed Parquet store.
+
+Several epoch sizes (``tiles=[256, 2048, 16384]``) add a scale table of the streaming path:
+tiles/s of the first and later epochs, the peak memory of a streaming epoch and whether time is
+linear in tiles. A size above the generated world's 256 training tiles streams that world's tiles
+again (the records cycled, each read anew), so every size decodes the same files, kept in the
+page cache as the small world is: the table then measures the pipeline, not the disk, and a
+16384-tile epoch needs no 17 GB world (generating one costs about 0.14 CPU s per tile here).
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from xmodal.data.prepared import DataSettings, prepare_data
+from xmodal.bench.common import bench_data_root, epoch_rates, init_ray
+from xmodal.data.manifest import Manifest
+from xmodal.data.prepared import DataSettings, PreparedData, prepare_data
+from xmodal.data.store import PACKED_READER
+from xmodal.errors import ConfigError
 
-from xmodal.bench.common import bench_data_root, init_ray, epoch_rates
+BASE_TILES = 256  # training tiles of the generated world larger epochs cycle over
+FLAT = 0.10  # the scale target: tiles/s and peak memory within 10 % from the smallest size to the largest
 
 
-def _consume_loop(config: dict[str, Any]) -> list[tuple[int, float]]:
-    shard = ray.train.get_dataset_shard("train")
+def parse_tile_sizes(text: str) -> list[int]:
+    """``"256,2048,16384"`` -> ``[256, 2048, 16384]`` (sizes > 0, each once, in order given).
+
+    Raises:
+        ConfigError: Naming the value that is not a positive whole number.
+    """
+    sizes: list[int] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not re.fullmatch(r"[0-9]+", item) or int(item) <= 0:
+            raise ConfigError(f"--tiles {text!r}: {item!r} is not a positive whole number; expected e.g. 256 or 256,2048,16384")
+        if int(item) not in sizes:
+            sizes.append(int(item))
+    return sizes
+
+
+def cycled_records(records: list[dict[str, Any]], tiles: int) -> list[dict[str, Any]]:
+    """``tiles`` records: ``records`` in order, again and again (each repeat gets its own tile id)."""
+    if not records:
+        raise ConfigError("the benchmark's training split is empty")
     out = []
-    for _ in range(config["epochs"]):
-        started, count = time.perf_counter(), 0
-        for batch in shard.iter_torch_batches(batch_size=config["batch_size"], prefetch_batches=2, drop_last=False):
-            count += batch["sar"].shape[0]
-        out.append((count, time.perf_counter() - started))
+    for position in range(tiles):
+        record = records[position % len(records)]
+        passes = position // len(records)
+        out.append(record if passes == 0 else {**record, "tile_id": f"{record['tile_id']}~{passes}"})
     return out
 
 
-def bench_data(data_root: str | None = None, tiles: int = 256, epochs: int = 3, batch_size: int = 16) -> dict[str, Any]:
-    """Throughput of raw decoding, a plain DataLoader, and Ray Data into a Train worker."""
-    from xmodal.data.pipeline import build_dataset
+def spread(values: list[float]) -> float:
+    """How far apart the values are: largest / smallest - 1 (0.1 = within 10 %)."""
+    return max(values) / min(values) - 1.0 if values and min(values) > 0 else float("inf")
+
+
+def _object_store_bytes() -> int | None:
+    """Bytes in this Ray's object stores now, or ``None`` where Ray does not say."""
+    try:
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        return int(get_memory_info_reply(get_state_from_address(), timeout_seconds=5).store_stats.object_store_bytes_used)
+    except Exception:  # noqa: BLE001 - a private API: the figure is then reported as unavailable
+        return None
+
+
+class MemorySampler:
+    """Peak memory of this process and every process it started (a local Ray's servers and
+    workers), sampled in a background thread.
+
+    The sum is of PSS (each page shared by several processes, such as the object store's,
+    counted once over all of them), so it covers the Ray workers' own memory and the object
+    store pages they use; the object store's own count is sampled beside it.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.peak_bytes = 0
+        self.peak_store_bytes: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="xmodal-memory-sampler", daemon=True)
+
+    def sample(self) -> None:
+        me = psutil.Process()
+        total = 0
+        for process in (me, *me.children(recursive=True)):
+            try:
+                info = process.memory_full_info()
+                total += getattr(info, "pss", info.rss)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        self.peak_bytes = max(self.peak_bytes, total)
+        store = _object_store_bytes() if ray.is_initialized() else None
+        if store is not None:
+            self.peak_store_bytes = max(self.peak_store_bytes or 0, store)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> MemorySampler:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def figures(self) -> dict[str, float | None]:
+        mib = 2**20
+        store = None if self.peak_store_bytes is None else round(self.peak_store_bytes / mib, 1)
+        return {"peak_memory_mib": round(self.peak_bytes / mib, 1), "peak_object_store_mib": store}
+
+
+def _consume_loop(config: dict[str, Any]) -> list[tuple[int, float, float]]:
+    """Each epoch: (tiles, seconds, seconds to the first batch)."""
+    shard = ray.train.get_dataset_shard("train")
+    out = []
+    for _ in range(config["epochs"]):
+        started, count, first = time.perf_counter(), 0, None
+        for batch in shard.iter_torch_batches(batch_size=config["batch_size"], prefetch_batches=2, drop_last=False):
+            if first is None:
+                first = time.perf_counter() - started
+            count += batch["sar"].shape[0]
+        out.append((count, time.perf_counter() - started, first or 0.0))
+    return out
+
+
+def _through_train(dataset: ray.data.Dataset, label: str, epochs: int, batch_size: int) -> dict[str, Any]:
+    """Epoch rates of ``dataset`` consumed by one Train worker, with the peak memory meanwhile."""
+    trainer = TorchTrainer(
+        _consume_loop,
+        train_loop_config={"epochs": epochs, "batch_size": batch_size},
+        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        datasets={"train": dataset},
+        run_config=ray.train.RunConfig(name=f"bench-{label}-{time.time_ns()}", storage_path=tempfile.mkdtemp(prefix="xmodal-bench-")),
+    )
+    with MemorySampler() as memory:
+        per_epoch = trainer.fit().return_value
+    rates = epoch_rates([c for c, _, _ in per_epoch], [s for _, s, _ in per_epoch])
+    seconds = [s for _, s, _ in per_epoch]
+    return {**rates, "epoch_seconds": seconds, "first_batch_seconds": [f for _, _, f in per_epoch], **memory.figures()}
+
+
+def _dataloader(prepared: PreparedData, records: list[dict[str, Any]], epochs: int, workers: int) -> dict[str, Any]:
     from xmodal.data.torch_data import torch_loader
 
-    root = bench_data_root(data_root, tiles)
-    settings = DataSettings(root=root, batch_size=batch_size, mask_layer="buildings")
-    prepared = prepare_data(settings)
-    records = prepared.records("train")
-    cores = os.cpu_count() or 1
-    figures: dict[str, Any] = {"tiles_per_epoch": len(records), "epochs": epochs, "cores": cores, "batch_size": batch_size, "data": root}
-
-    decoder = prepared.decoder()
-    started = time.perf_counter()
-    for record in records:
-        decoder(record)
-    figures["raw_decode_tiles_per_s"] = len(records) / (time.perf_counter() - started)
-
-    loader = torch_loader(prepared, "train", num_workers=cores)
+    loader = torch_loader(prepared, "train", num_workers=workers, records=records)
     counts, seconds = [], []
     for _ in range(epochs):
         started, count = time.perf_counter(), 0
@@ -55,39 +169,157 @@ def bench_data(data_root: str | None = None, tiles: int = 256, epochs: int = 3, 
             count += batch["sar"].shape[0]
         counts.append(count)
         seconds.append(time.perf_counter() - started)
-    figures["dataloader"] = {"num_workers": cores, **epoch_rates(counts, seconds)}
-    del loader
+    return {"num_workers": workers, **epoch_rates(counts, seconds)}
+
+
+def packed_root(root: str) -> str:
+    """The packed Parquet store of ``root`` (``xmodal data pack``), made once beside it."""
+    out = Path(tempfile.gettempdir()) / f"{Path(root).name}-packed"
+    if not (out / "manifest.parquet").is_file():
+        from xmodal.data.store import pack
+
+        pack(Manifest.load(root), out)
+    return str(out)
+
+
+def bench_data(
+    data_root: str | None = None, tiles: int | list[int] | None = None, epochs: int = 3, batch_size: int = 16, packed: bool = True
+) -> dict[str, Any]:
+    """Throughput of raw decoding, a plain DataLoader, and Ray Data into a Train worker.
+
+    Args:
+        data_root: A prepared dataset (default: a generated world of ``BASE_TILES`` training
+            tiles, or of the one size given when that is smaller).
+        tiles: Tiles per epoch, cycled over the training split (default: the whole split); several
+            sizes add the scale table (``scale``).
+        epochs: Epochs per path; the first is reported apart.
+        batch_size: Tiles per batch.
+        packed: Also measure the packed Parquet store of the same tiles (``xmodal data pack``).
+
+    Returns:
+        The figures of the smallest size (every path side by side), plus ``scale`` (the streaming
+        path at every size) when several sizes are given.
+    """
+    from xmodal.data.pipeline import build_dataset
+
+    sizes = sorted([tiles] if isinstance(tiles, int) else tiles) if tiles else []
+    root = bench_data_root(data_root, min(sizes[0], BASE_TILES) if sizes else BASE_TILES)
+    settings = DataSettings(root=root, batch_size=batch_size, mask_layer="buildings")
+    prepared = prepare_data(settings)
+    base = prepared.records("train")
+    records = cycled_records(base, sizes[0]) if sizes else base
+    cores = os.cpu_count() or 1
+    figures: dict[str, Any] = {
+        "tiles_per_epoch": len(records), "distinct_tiles": len({r["index"] for r in records}), "epochs": epochs,
+        "cores": cores, "batch_size": batch_size, "data": root,
+    }
+
+    decoder = prepared.decoder()
+    started = time.perf_counter()
+    for record in records:
+        decoder(record)
+    figures["raw_decode_tiles_per_s"] = len(records) / (time.perf_counter() - started)
+    figures["dataloader"] = _dataloader(prepared, records, epochs, cores)
+
+    packed_prepared = None
+    if packed and prepared.info.reader != PACKED_READER:
+        # The store holds each distinct tile once: both packed paths read those.
+        packed_prepared = prepare_data(DataSettings(root=packed_root(root), batch_size=batch_size, mask_layer="buildings"))
+        wanted = {r["tile_id"] for r in records}
+        packed_records = [r for r in packed_prepared.records("train") if r["tile_id"] in wanted]
+        figures["packed_tiles_per_epoch"] = len(packed_records)
+        figures["dataloader_packed"] = _dataloader(packed_prepared, packed_records, epochs, cores)
 
     started_ray = init_ray()
-    for label, cache in (("ray_data_streaming", False), ("ray_data_cached", True)):
-        dataset = build_dataset(prepared, "train", cache=cache)
-        trainer = TorchTrainer(
-            _consume_loop,
-            train_loop_config={"epochs": epochs, "batch_size": batch_size},
-            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-            datasets={"train": dataset},
-            run_config=ray.train.RunConfig(name=f"bench-{label}-{time.time_ns()}", storage_path=tempfile.mkdtemp(prefix="xmodal-bench-")),
-        )
-        per_epoch = trainer.fit().return_value
-        figures[label] = epoch_rates([c for c, _ in per_epoch], [s for _, s in per_epoch])
-    if started_ray:
-        ray.shutdown()
-    base = figures["dataloader"]["steady"]
-    for label in ("ray_data_streaming", "ray_data_cached"):
-        figures[label]["ratio_vs_dataloader"] = figures[label]["steady"] / base
-    figures["target"] = "Ray Data >= 1.0x DataLoader tiles/s (steady state)"
+    try:
+        # Streaming first: in a fresh Ray its first epoch is what a run's first epoch pays.
+        figures["ray_data_streaming"] = _through_train(build_dataset(prepared, "train", records=records, cache=False), "streaming", epochs, batch_size)
+        figures["ray_data_cached"] = _through_train(build_dataset(prepared, "train", records=records, cache=True), "cached", epochs, batch_size)
+        if packed_prepared is not None:
+            figures["ray_data_packed"] = _through_train(
+                build_dataset(packed_prepared, "train", records=packed_records, cache=False), "packed", epochs, batch_size
+            )
+        if len(sizes) > 1:
+            rows = [{"tiles": sizes[0], **figures["ray_data_streaming"]}]
+            for size in sizes[1:]:
+                dataset = build_dataset(prepared, "train", records=cycled_records(base, size), cache=False)
+                rows.append({"tiles": size, **_through_train(dataset, f"streaming-{size}", epochs, batch_size)})
+            figures["scale"] = scale_figures(rows)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    for label, reference in (("ray_data_streaming", "dataloader"), ("ray_data_cached", "dataloader"), ("ray_data_packed", "dataloader_packed")):
+        if label in figures:
+            entry, against = figures[label], figures[reference]
+            entry["ratio_vs_dataloader"] = entry["steady"] / against["steady"]
+            entry["epoch1_ratio_vs_dataloader"] = entry["epoch1"] / against["epoch1"]
+    figures["target"] = "Ray Data streaming >= 1.0x DataLoader tiles/s (steady), >= 0.7x (epoch 1)"
     return figures
+
+
+def scale_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The scale table: per size the streaming rates, memory and epoch time, and the verdicts.
+
+    Time is linear in tiles when the later epochs' seconds per tile agree within ``FLAT`` over
+    the sizes (the same as flat steady tiles/s); memory is flat likewise.
+    """
+    steady = [row["steady"] for row in rows]
+    memory = [row["peak_memory_mib"] for row in rows]
+    return {
+        "sizes": [
+            {key: row[key] for key in ("tiles", "epoch1", "steady", "epoch_seconds", "peak_memory_mib", "peak_object_store_mib")}
+            for row in rows
+        ],
+        "steady_spread": spread(steady),
+        "memory_spread": spread(memory),
+        "tiles_per_s_flat": spread(steady) <= FLAT,
+        "memory_flat": spread(memory) <= FLAT,
+        "time_linear_in_tiles": spread(steady) <= FLAT,
+    }
 
 
 def format_data_figures(figures: dict[str, Any]) -> str:
     """A readable table of :func:`bench_data`'s figures."""
-    lines = [f"data: {figures['tiles_per_epoch']} tiles/epoch, {figures['epochs']} epochs, batch {figures['batch_size']}, {figures['cores']} cores"]
-    lines.append(f"{'path':34s} {'epoch 1':>10s} {'steady':>10s} {'vs DataLoader':>14s}")
-    lines.append(f"{'raw decode, 1 process':34s} {'':>10s} {figures['raw_decode_tiles_per_s']:10.1f} {'':>14s}")
-    rows = (("PyTorch DataLoader", "dataloader"), ("Ray Data -> Train (streaming)", "ray_data_streaming"), ("Ray Data -> Train (cached decode)", "ray_data_cached"))
+    lines = [
+        (
+            f"data: {figures['tiles_per_epoch']} tiles/epoch ({figures['distinct_tiles']} distinct), {figures['epochs']} epochs, "
+            f"batch {figures['batch_size']}, {figures['cores']} cores"
+        )
+    ]
+    lines.append(f"{'path':38s} {'epoch 1':>9s} {'steady':>9s} {'vs DataLoader':>14s} {'epoch 1 vs DL':>14s} {'peak MiB':>9s}")
+    lines.append(f"{'raw decode, 1 process':38s} {'':>9s} {figures['raw_decode_tiles_per_s']:9.1f}")
+    rows = (
+        ("PyTorch DataLoader", "dataloader"),
+        ("Ray Data -> Train (streaming)", "ray_data_streaming"),
+        ("Ray Data -> Train (cached decode)", "ray_data_cached"),
+        ("PyTorch DataLoader (packed store)", "dataloader_packed"),
+        ("Ray Data -> Train (packed, streaming)", "ray_data_packed"),
+    )
     for name, key in rows:
-        entry = figures[key]
-        ratio = entry.get("ratio_vs_dataloader")
-        lines.append(f"{name:34s} {entry['epoch1']:10.1f} {entry['steady']:10.1f} {'' if ratio is None else f'{ratio:.2f}x':>14s}")
+        entry = figures.get(key)
+        if entry is None:
+            continue
+        ratio, first = entry.get("ratio_vs_dataloader"), entry.get("epoch1_ratio_vs_dataloader")
+        memory = entry.get("peak_memory_mib")
+        lines.append(
+            f"{name:38s} {entry['epoch1']:9.1f} {entry['steady']:9.1f} {'' if ratio is None else f'{ratio:.2f}x':>14s} "
+            f"{'' if first is None else f'{first:.2f}x':>14s} {'' if memory is None else f'{memory:.0f}':>9s}"
+        )
     lines.append("(tiles/s)  target: " + figures["target"])
+    scale = figures.get("scale")
+    if scale:
+        lines.append("scale (Ray Data -> Train, streaming):")
+        lines.append(f"  {'tiles':>7s} {'epoch 1':>9s} {'steady':>9s} {'s/epoch (later)':>16s} {'peak MiB':>9s} {'store MiB':>10s}")
+        for row in scale["sizes"]:
+            later = row["epoch_seconds"][1:] or row["epoch_seconds"]
+            store = row["peak_object_store_mib"]
+            lines.append(
+                f"  {row['tiles']:7d} {row['epoch1']:9.1f} {row['steady']:9.1f} {sum(later) / len(later):16.2f} "
+                f"{row['peak_memory_mib']:9.0f} {'?' if store is None else f'{store:.0f}':>10s}"
+            )
+        lines.append(
+            f"  steady tiles/s spread {scale['steady_spread']:.0%} ({'flat' if scale['tiles_per_s_flat'] else 'not flat'}, "
+            f"time {'linear' if scale['time_linear_in_tiles'] else 'not linear'} in tiles), peak memory spread "
+            f"{scale['memory_spread']:.0%} ({'flat' if scale['memory_flat'] else 'not flat'}); target within {FLAT:.0%}"
+        )
     return "\n".join(lines)

@@ -206,7 +206,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from xmodal import bench
 
     runner: Callable[..., dict[str, Any]] = {"data": bench.bench_data, "train": bench.bench_train}[args.what]
-    sizes = {k: v for k, v in (("tiles", args.tiles), ("epochs", args.epochs)) if v is not None}
+    from xmodal.bench.data import parse_tile_sizes
+
+    tiles = None if args.tiles is None else parse_tile_sizes(args.tiles)
+    if tiles is not None and args.what == "train":
+        if len(tiles) > 1:
+            raise XmodalError(f"bench train --tiles {args.tiles}: give one size (several sizes are an option of bench data)")
+        tiles = tiles[0]
+    sizes = {k: v for k, v in (("tiles", tiles), ("epochs", args.epochs)) if v is not None}
     figures = runner(data_root=args.data, **sizes)
     print(json.dumps(figures, indent=2) if args.json else bench.format_figures(figures))
 
@@ -329,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="print throughput figures")
     bench.add_argument("what", choices=["data", "train"])
     bench.add_argument("--data", help="prepared dataset folder (default: a generated world)")
-    bench.add_argument("--tiles", type=int, help="tiles per epoch (default: data 256, train 128)")
+    bench.add_argument("--tiles", help="tiles per epoch (default: data 256, train 128); data takes a comma list (256,2048,16384) for a scale table")
     bench.add_argument("--epochs", type=int, help="epochs; the first is reported apart (default: data 3, train 5)")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)

@@ -1,0 +1,62 @@
+"""``bench data``'s own logic: tile sizes, cycled epochs, the scale verdicts, the memory sampler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xmodal.bench.data import MemorySampler, cycled_records, format_data_figures, parse_tile_sizes, scale_figures
+from xmodal.cli.main import main
+from xmodal.errors import ConfigError
+
+
+def test_tile_sizes_parse_and_refuse_bad_values():
+    assert parse_tile_sizes("256,2048,16384") == [256, 2048, 16384]
+    assert parse_tile_sizes(" 64 , 64,16") == [64, 16]
+    for bad in ("256,0", "256,-1", "2k", "256,,512"):
+        with pytest.raises(ConfigError, match="not a positive whole number"):
+            parse_tile_sizes(bad)
+
+
+def test_bench_train_takes_one_size(capsys):
+    assert main(["bench", "train", "--tiles", "16,32"]) == 2
+    assert "give one size" in capsys.readouterr().err
+
+
+def test_cycled_records_repeat_the_split_with_their_own_ids():
+    base = [{"tile_id": f"t{i}", "index": i} for i in range(3)]
+    out = cycled_records(base, 8)
+    assert [r["index"] for r in out] == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert len({r["tile_id"] for r in out}) == 8 and out[:3] == base
+    assert cycled_records(base, 2) == base[:2]
+
+
+def _row(tiles: int, steady: float, memory: float) -> dict:
+    return {"tiles": tiles, "epoch1": steady / 2, "steady": steady, "epoch_seconds": [2 * tiles / steady, tiles / steady],
+            "peak_memory_mib": memory, "peak_object_store_mib": 40.0}
+
+
+def test_scale_verdicts_follow_the_ten_percent_target():
+    flat = scale_figures([_row(256, 200.0, 1000.0), _row(2048, 210.0, 1050.0), _row(16384, 215.0, 1090.0)])
+    assert flat["tiles_per_s_flat"] and flat["time_linear_in_tiles"] and flat["memory_flat"]
+    assert flat["steady_spread"] == pytest.approx(0.075)
+    slow_start = scale_figures([_row(256, 150.0, 1000.0), _row(16384, 215.0, 1500.0)])
+    assert not slow_start["tiles_per_s_flat"] and not slow_start["time_linear_in_tiles"] and not slow_start["memory_flat"]
+    figures = {
+        "tiles_per_epoch": 256, "distinct_tiles": 256, "epochs": 3, "batch_size": 16, "cores": 2, "raw_decode_tiles_per_s": 239.0,
+        "dataloader": {"epoch1": 334.0, "steady": 385.0}, "target": "t", "scale": slow_start,
+        "ray_data_streaming": {"epoch1": 300.0, "steady": 400.0, "ratio_vs_dataloader": 400 / 385, "epoch1_ratio_vs_dataloader": 300 / 334,
+                               "peak_memory_mib": 1000.0},
+    }
+    text = format_data_figures(figures)
+    assert "1.04x" in text and "0.90x" in text and "16384" in text and "not flat" in text and "not linear" in text
+
+
+def test_memory_sampler_sees_an_allocation():
+    with MemorySampler(interval=60) as memory:
+        before = memory.peak_bytes
+        block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+        memory.sample()
+        assert memory.peak_bytes - before >= 48 * 2**20
+        del block
+    assert memory.figures()["peak_memory_mib"] >= 48
