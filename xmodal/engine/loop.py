@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,13 @@ def _latest_state(plan: WorkerPlan, device: torch.device) -> dict[str, Any] | No
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    """Body of every Ray Train worker."""
+    """Body of every Ray Train worker.
+
+    Rank 0 returns :func:`~xmodal.engine.training.run_epochs`'s outcome, with
+    ``worker_start_time`` (this function entered: the worker group is up) and ``setup_end_time``
+    (method built, inputs read, resumed) for the start-up split.
+    """
+    worker_started = time.time()
     plan: WorkerPlan = loop_config["plan"]
     config = plan.config
     context = ray.train.get_context()
@@ -155,6 +162,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         resume_from(saved, method, state, config, config.run.storage, log)
     staged = worker_results_dir(config, plan.results_dir)
     writer = open_tensorboard(staged, state) if rank == 0 else None
+    setup_ended = time.time()
 
     batch_size, shuffle = config.data.worker_batch_size(world), config.data.shuffle_buffer
     labelled = "labelled" in plan.needs.streams
@@ -196,4 +204,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if writer is not None:
         writer.close()
         publish_tensorboard(config, staged)
+    outcome.update(worker_start_time=worker_started, setup_end_time=setup_ended)
     return outcome if rank == 0 else None

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.execution.failure_handling import FailureDecision, FailurePolicy, create_failure_policy
 
 from xmodal.data.pipeline import LABELLED_STREAM, TRAIN, build_datasets
@@ -30,7 +31,7 @@ from xmodal.engine.preflight import preflight
 from xmodal.engine.results import (
     SNAPSHOT_FILE, RunResult, checkpoint_location, publish_results, read_snapshot, record_failure, results_dir, results_location, storage_path, summarise, write_run_results,
 )
-from xmodal.engine.session import connect
+from xmodal.engine.session import connect, placement_group_cleaner_can_work
 from xmodal.engine.setup import BestTracker, metric_spec, prepare_run_data, result_line, run_header
 from xmodal.engine.storage import is_remote, refuse_job_scratch
 from xmodal.engine.tracking import track_run
@@ -62,11 +63,18 @@ class NoRetryOfPermanentErrors(FailurePolicy):
 
 class XmodalTrainer(TorchTrainer):
     """A TorchTrainer with :class:`NoRetryOfPermanentErrors` (Ray 2.60 takes no policy argument;
-    this hook is where its ``fit`` hands the policy to the controller)."""
+    this hook is where its ``fit`` hands the policy to the controller), and without Train's
+    placement-group cleaner where it cannot work (:func:`~xmodal.engine.session.placement_group_cleaner_can_work`)."""
 
     def _initialize_and_run_controller(self, **controller_init_kwargs: Any) -> Any:
         controller_init_kwargs["failure_policy"] = NoRetryOfPermanentErrors(self.run_config.failure_config)
         return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+    def _create_default_callbacks(self) -> list[Any]:
+        callbacks = super()._create_default_callbacks()
+        if placement_group_cleaner_can_work():
+            return callbacks
+        return [callback for callback in callbacks if not isinstance(callback, PlacementGroupCleanerCallback)]
 
 
 def ensure_ray(config: ExperimentConfig) -> None:

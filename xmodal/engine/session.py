@@ -20,6 +20,31 @@ from xmodal.engine.console import CONSOLE
 # 1.6 s and 0.5 s when the workers are kept. Idle workers now live for the length of a long epoch.
 IDLE_WORKER_SECONDS = 600
 
+# A local Ray serves one machine: what Ray runs for a cluster's operators only burns cores the
+# training step needs (issue 19; ``xmodal bench train`` prints each Ray process's CPU share).
+# Train V2 starts a PreemptionWatcher actor with every worker group, polling every 5 s for spot
+# nodes being taken away: a local machine has none, and the actor's start delays the first step.
+LOCAL_ENVIRONMENT = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Without the dashboard nothing reads Ray's metrics: Train's metric callbacks and every process's
+# metric recording (exported every few seconds through the node's agent) only cost CPU.
+WITHOUT_DASHBOARD_ENVIRONMENT = {"RAY_TRAIN_METRICS_ENABLED": "0"}
+WITHOUT_DASHBOARD_SYSTEM_CONFIG: dict[str, object] = {"enable_metrics_collection": False}
+
+# The GCS address of the local Ray this process started without the dashboard (no State API).
+_local_without_state_api: str | None = None
+
+
+def placement_group_cleaner_can_work() -> bool:
+    """Whether Train V2's PlacementGroupCleaner could do its job on the connected Ray.
+
+    The cleaner (a detached actor per run) asks the State API every second whether the run's
+    controller still lives, to free the workers of a controller that died with Ray still up (a
+    trial Tune stopped). On a local Ray this process started without the dashboard the State API
+    is absent: the cleaner would only start one more process per run and fail a query each
+    second, and the workers go with that Ray when this process ends anyway.
+    """
+    return not (_local_without_state_api and ray.is_initialized() and ray.get_runtime_context().gcs_address == _local_without_state_api)
+
 
 def quiet_ray_data() -> None:
     """No progress bars and no DataContext dump per execution in logs (epoch lines say enough)."""
@@ -46,6 +71,22 @@ def state_api_available() -> bool:
         return False
 
 
+def local_ray_options(dashboard: bool) -> tuple[dict[str, str], dict[str, object]]:
+    """What :func:`start_local_ray` sets beside Ray's defaults.
+
+    Returns:
+        The environment variables (a value the user set wins; Ray's processes inherit them) and
+        Ray's ``_system_config``. Fault tolerance is kept whole: Train's health checks, worker
+        restarts and checkpoints do not depend on any of them.
+    """
+    environment = dict(LOCAL_ENVIRONMENT)
+    system_config: dict[str, object] = {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_SECONDS * 1000}
+    if not dashboard:
+        environment.update(WITHOUT_DASHBOARD_ENVIRONMENT)
+        system_config.update(WITHOUT_DASHBOARD_SYSTEM_CONFIG)
+    return environment, system_config
+
+
 def start_local_ray(num_cpus: int, *, dashboard: bool, logging_level: str = "warning") -> None:
     """Start a Ray on this machine only.
 
@@ -58,6 +99,9 @@ def start_local_ray(num_cpus: int, *, dashboard: bool, logging_level: str = "war
             training step from 0.47 to 0.71 s, so single runs go without it.
         logging_level: Ray's driver log level.
     """
+    environment, system_config = local_ray_options(dashboard)
+    for name, value in environment.items():
+        os.environ.setdefault(name, value)
     kwargs: dict[str, object] = {"include_dashboard": dashboard}
     if not dashboard:
         # The cleaner then warns every second that the State API is unavailable (harmless for a
@@ -69,12 +113,14 @@ def start_local_ray(num_cpus: int, *, dashboard: bool, logging_level: str = "war
         port = free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
+    global _local_without_state_api
     ray.init(
         num_cpus=num_cpus,
         logging_level=logging_level,
-        _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_SECONDS * 1000},
+        _system_config=system_config,
         **kwargs,
     )
+    _local_without_state_api = None if dashboard else ray.get_runtime_context().gcs_address
 
 
 def connect(address: str | None, local_cpus: int, *, dashboard: bool) -> bool:
@@ -86,7 +132,9 @@ def connect(address: str | None, local_cpus: int, *, dashboard: bool) -> bool:
     if ray.is_initialized():
         CONSOLE.install()  # this process's Ray may have been started elsewhere (a notebook, a test)
         return False
+    global _local_without_state_api
     quiet_ray_data()
+    _local_without_state_api = None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level="warning")
