@@ -291,6 +291,47 @@ def test_readme_walks_from_empty_cluster_to_report():
         assert needle in text, needle
 
 
+CLOUD_ACCOUNT = "# [cloud account]"
+# What a cluster walk-through command starts with -> the test that runs it (here, on 127.0.0.1).
+TESTED_COMMANDS = {
+    "xmodal data synth": "tests/test_cli.py::test_data_commands",
+    "xmodal data pack": "tests/test_object_storage.py::test_a_packed_store_on_the_bucket_gives_the_same_tiles",
+    "ray job submit": "tests/test_cluster.py::test_a_chain_sweep_as_a_ray_job_survives_a_killed_train_worker_and_shares_its_pretraining",
+    "ray job logs": "tests/test_cluster.py::test_a_chain_sweep_as_a_ray_job_survives_a_killed_train_worker_and_shares_its_pretraining",
+    "xmodal report": "tests/test_sweep.py::test_report_of_a_remote_sweep_folder_copies_only_small_files",
+}
+
+
+def walkthrough_commands() -> list[str]:
+    """The shell commands of cluster/README.md's walk-throughs (section 4), continuation lines joined."""
+    section = (CLUSTER / "README.md").read_text().split("\n## 4.", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        for command in re.sub(r"\\\n\s*", " ", block).splitlines():
+            command = command.strip()
+            if command and not command.startswith("#"):
+                commands.append(command)
+    return commands
+
+
+def test_every_cluster_readme_command_is_tested_or_needs_a_cloud_account():
+    """Each walk-through command either ends in `# [cloud account]` or is run by a named test,
+    whose source holds the command's words (so renaming either side breaks this)."""
+    commands = walkthrough_commands()
+    assert sum(CLOUD_ACCOUNT in c for c in commands) >= 10 and any(c.startswith("ray up cluster/gcp-gpu.yaml") for c in commands)
+    for command in commands:
+        if CLOUD_ACCOUNT in command or command.startswith("export "):
+            continue
+        head = next((h for h in TESTED_COMMANDS if command.startswith(h)), None)
+        assert head is not None, f"cluster/README.md: {command!r} is neither run by a test nor marked {CLOUD_ACCOUNT!r}"
+        path, name = TESTED_COMMANDS[head].split("::")
+        source = (REPO / path).read_text()
+        body = source.split(f"def {name}(", 1)
+        assert len(body) == 2, f"{TESTED_COMMANDS[head]} does not exist"
+        words = head.split()[1:]  # the program is the CLI's main(), `ray` or a Python -m
+        assert all(f'"{word}"' in body[1].split("\ndef ", 1)[0] for word in words), (head, name)
+
+
 # ----------------------------------------------------------------------------- a job's working dir
 
 

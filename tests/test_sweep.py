@@ -273,8 +273,10 @@ def test_report_of_a_remote_sweep_folder_copies_only_small_files(tmp_path: Path)
     (folder / "runs" / "trial-t0" / "checkpoint_0" / "state.pt").write_bytes(b"0" * 1000)
     uri = f"file://{folder}"  # any pyarrow filesystem: s3://, gs://, file://
     assert len(load_trials(uri)) == 5
-    files = render_sweep_report(uri, tmp_path / "out")
-    assert files[0] == tmp_path / "out" / "report.md" and (tmp_path / "out" / "metric_vs_data.labels.fraction.png").is_file()
+    from xmodal.cli.main import main
+
+    assert main(["report", uri, "--out", str(tmp_path / "out")]) == 0  # `xmodal report s3://...`
+    assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "metric_vs_data.labels.fraction.png").is_file()
     assert not list((tmp_path / "out").rglob("state.pt")), "checkpoints stay remote"
 
 
