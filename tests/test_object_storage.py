@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -70,6 +74,19 @@ def test_join_keeps_a_uri_query_at_the_end_and_local_paths_local(tmp_path: Path)
     assert join(tmp_path, "a", "b") == str(tmp_path / "a" / "b")
 
 
+def test_a_checkpoint_on_object_storage_keeps_its_scheme(bucket: str):
+    """Ray's Checkpoint.path of a checkpoint on S3 is ``bucket/...``: written as such into run.json,
+    a later phase or `xmodal predict` took it for a local path."""
+    import pyarrow.fs
+    import ray.train
+
+    from xmodal.engine.results import checkpoint_location
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(bucket + "/runs/r/checkpoint_1")
+    assert checkpoint_location(ray.train.Checkpoint(path, filesystem=fs)) == bucket + "/runs/r/checkpoint_1"
+    assert checkpoint_location(ray.train.Checkpoint("/tmp/runs/r/checkpoint_1")) == "/tmp/runs/r/checkpoint_1"
+
+
 def test_a_missing_bucket_is_refused_naming_the_uri(bucket: str):
     from xmodal.data.prepared import prepare_data
     from xmodal.data.storage import check_reachable
@@ -120,11 +137,11 @@ def test_a_geotiff_tree_on_the_bucket_is_read_through_gdal(tiny_world: Path, buc
     """A prepared GeoTIFF folder uploaded as it is: rasterio reads each tile with /vsis3/ from the
     endpoint in AWS_ENDPOINT_URL (GDAL reads none of it itself); its statistics, computed here, go
     back to the bucket."""
+    import boto3
+
     from xmodal.data.prepared import prepare_data
     from xmodal.data.storage import exists, join, upload
     from xmodal.data.torch_data import iterate_numpy
-
-    import boto3
 
     uri = bucket + "/world"
     upload(tiny_world, uri)
@@ -137,3 +154,235 @@ def test_a_geotiff_tree_on_the_bucket_is_read_through_gdal(tiny_world: Path, buc
     for key in ("sar", "optical", "mask"):
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5)
     assert json.loads((remote.manifest.folder / "stats.json").read_text()).keys() == json.loads((tiny_world / "stats.json").read_text()).keys()
+
+
+# ----------------------------------------------------------------------------- a run's results on a bucket
+
+
+def run_config(world: Path, storage: str, name: str = "remote-run"):
+    from xmodal.engine.config import build_config
+
+    return build_config({
+        "name": name, "method": "supervised", "method_settings": {"input": "optical"},
+        "data": {"root": str(world), "tile_size": 64, "batch_size": 4},
+        "model": {"arch": "unet", "encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 8]},
+        "train": {"epochs": 1}, "run": {"storage": storage},
+    })
+
+
+def test_a_remote_storage_run_keeps_its_results_on_the_bucket(tiny_world: Path, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Results of a run on object storage are staged locally and uploaded (they used to stay in a
+    local ``results/`` folder of whichever machine drove the run); the TensorBoard files of a
+    worker on another node reach the bucket from that node; a finished run drops the
+    ``failed.json`` of an earlier failed launch; a fresh machine reads the finished run back."""
+    from xmodal.engine.config import fingerprint
+    from xmodal.engine.results import (
+        publish_results,
+        publish_tensorboard,
+        read_run_result,
+        record_failure,
+        results_dir,
+        results_location,
+        worker_results_dir,
+        write_run_results,
+    )
+    from xmodal.engine.storage import exists, join, read_text
+
+    monkeypatch.chdir(tmp_path)
+    config = run_config(tiny_world, bucket + "/runs")
+    location = results_location(config)
+    assert location == bucket + "/runs/remote-run"
+    assert results_dir(config).is_relative_to(tmp_path / "cache"), "staged in this machine's cache, not in ./results"
+    record_failure(config, "a worker died")
+    publish_results(config)
+    assert "a worker died" in read_text(join(location, "failed.json"))
+
+    monkeypatch.setenv("XMODAL_CACHE", str(tmp_path / "worker-node-cache"))  # rank 0 on another node
+    staged = worker_results_dir(config, str(results_dir(config)))
+    assert staged.is_relative_to(tmp_path / "worker-node-cache")
+    (staged / "tensorboard").mkdir(parents=True)
+    (staged / "tensorboard" / "events.out.tfevents.1.node2").write_bytes(b"curves")
+    publish_tensorboard(config, staged)
+    monkeypatch.setenv("XMODAL_CACHE", str(tmp_path / "cache"))
+
+    summary = {"name": config.name, "epochs": 1, "metrics": {"test/iou": 0.5}, "checkpoint": bucket + "/runs/remote-run/checkpoint_x",
+               "fingerprint": json.loads(json.dumps(fingerprint(config), default=str))}
+    write_run_results(results_dir(config), summary, {}, title=config.name)
+    publish_results(config)
+    assert exists(join(location, "run.json")) and not exists(join(location, "failed.json"))
+    assert read_text(join(location, "tensorboard", "events.out.tfevents.1.node2")) == "curves"
+    assert not (tmp_path / "results").exists()
+
+    monkeypatch.setenv("XMODAL_CACHE", str(tmp_path / "fresh-machine"))
+    done = read_run_result(config)
+    assert done is not None and done.results_dir == location and done.metrics == {"test/iou": 0.5}
+
+
+def test_a_run_on_a_missing_bucket_is_refused_before_it_starts(tiny_world: Path, bucket: str):
+    from xmodal.engine.preflight import check_writable
+    from xmodal.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"run.storage='s3://no-such-bucket-xmodal/runs': bucket 'no-such-bucket-xmodal' does not exist"):
+        check_writable("s3://no-such-bucket-xmodal/runs", "run.storage")
+
+
+# ----------------------------------------------------------------------------- a sweep's study on a bucket
+
+
+def remote_sweep_spec(storage: str):
+    from xmodal.tune.spec import load_sweep
+
+    repo = Path(__file__).resolve().parents[1]
+    return load_sweep({
+        "base": str(repo / "experiments" / "baselines" / "sar-buildings.yaml"), "name": "remote",
+        "sweep": {"storage": storage, "parameters": {"train.lr": {"type": "loguniform", "low": "1e-4", "high": 1e-2}}},
+    })
+
+
+def test_the_default_study_of_a_remote_sweep_goes_with_the_sweep_folder(bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A sweep on object storage used to run with an in-memory study (lost with the driver; a
+    resume started the search over). Now: a SQLite copy in the local cache, uploaded as trials
+    end, downloaded on resume, also on a fresh machine whose cache is elsewhere (Tune's pickled
+    searcher names the first machine's copy)."""
+    import pickle
+
+    import optuna
+
+    from xmodal.tune.sweep import (
+        StudyStorage,
+        fetch_study,
+        study_storage_url,
+        sweep_dir,
+        upload_study,
+    )
+
+    spec = remote_sweep_spec(bucket + "/sweeps")
+    folder = sweep_dir(spec)
+    fetch_study(folder)
+    url = study_storage_url(spec)
+    assert url == f"sqlite:///{tmp_path / 'cache'}/" + url.split(str(tmp_path / "cache") + "/", 1)[1]
+    storage = StudyStorage(url)
+    study = optuna.create_study(storage=storage, study_name=spec.name, direction="maximize")
+    study.add_trial(optuna.trial.create_trial(params={"x": 1.0}, distributions={"x": optuna.distributions.FloatDistribution(0, 2)}, value=0.7))
+    pickled = pickle.dumps(storage)  # as Tune keeps the searcher
+    upload_study(folder)
+
+    monkeypatch.setenv("XMODAL_CACHE", str(tmp_path / "fresh-machine"))
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache")
+    fetch_study(folder)  # run_sweep --resume does this before Tune restores the searcher
+    restored = pickle.loads(pickled)
+    trials = optuna.load_study(study_name=spec.name, storage=restored).trials
+    assert [t.value for t in trials] == [0.7]
+    assert str(tmp_path / "fresh-machine") in study_storage_url(spec)
+
+
+def test_trial_results_are_kept_aside_on_a_remote_resume(bucket: str):
+    """Tune restarts an interrupted trial with a fresh result.json: the epochs before would be lost
+    from a remote sweep folder (the copy aside was skipped there)."""
+    from xmodal.engine.storage import join, read_text, write_text
+    from xmodal.tune.sweep import keep_trial_results
+
+    folder = bucket + "/sweeps/remote"
+    write_text(join(folder, "trial-abc", "result.json"), '{"epoch": 1}\n')
+    write_text(join(folder, "runs", "trial-abc", "result.json"), "not a Tune file")
+    keep_trial_results(folder)
+    import pyarrow.fs
+
+    from xmodal.data.storage import filesystem
+
+    fs, root = filesystem(folder)
+    names = sorted(i.path[len(root):] for i in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True)) if i.type == pyarrow.fs.FileType.File)
+    kept = [n for n in names if "result-before-" in n]
+    assert len(kept) == 1 and kept[0].startswith("/trial-abc/") and read_text(folder + kept[0]) == '{"epoch": 1}\n'
+
+
+# ----------------------------------------------------------------------------- two nodes, one bucket
+
+
+def start_node(head: dict | None, env: dict[str, str], cpus: int, temp_dir: str) -> dict:
+    """`ray start` of a head (``head`` None) or of a node joining it: its own ports and temp dir."""
+    from test_cluster import RAY
+
+    names = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "runtime-env-agent-port", "metrics-export-port"]
+    if head is None:
+        names += ["port", "dashboard-port", "ray-client-server-port"]
+    ports = {name: free_port() for name in names}
+    command = [RAY, "start", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    if head is None:
+        command += ["--head", "--dashboard-host=127.0.0.1", "--include-dashboard=true"]
+    else:
+        command += [f"--address={head['gcs']}"]
+    started = subprocess.run(command + [f"--{k}={v}" for k, v in ports.items()], env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert started.returncode == 0, started.stdout + started.stderr
+    return {"gcs": f"127.0.0.1:{ports['port']}", "dashboard": f"http://127.0.0.1:{ports['dashboard-port']}"} if head is None else {}
+
+
+def xmodal_driver(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    """`xmodal ...` as a user runs it against the cluster: its own working dir and cache."""
+    cwd.mkdir(parents=True)
+    done = subprocess.run([sys.executable, "-m", "xmodal.cli.main", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    return done
+
+
+def bucket_files(uri: str) -> list[str]:
+    import pyarrow.fs
+
+    from xmodal.data.storage import filesystem
+
+    fs, root = filesystem(uri)
+    return sorted(i.path[len(root):].lstrip("/") for i in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True)) if i.type == pyarrow.fs.FileType.File)
+
+
+@pytest.mark.ray
+def test_a_two_node_cluster_trains_from_a_bucket_into_a_bucket(tiny_world: Path, bucket: str, s3_server: str, tmp_path: Path):
+    """A head (1 CPU: the driver's side) and a second node (2 CPUs: the Train workers) on 127.0.0.1,
+    each with its own ports, temp dir and xmodal cache, so no file reaches the driver through a
+    shared disk: the packed data and the run storage live on the bucket. A 2-worker Train run
+    leaves run.json, console.log, the rank-0 worker's TensorBoard files and its checkpoints on the
+    bucket (its checkpoint named by URI), and nothing in the driver's working dir."""
+    import secrets
+
+    import yaml
+    from test_cluster import stop_marked
+
+    from xmodal.cli.main import main
+    from xmodal.data.storage import read_text
+
+    main(["data", "pack", str(tiny_world), "--out", bucket + "/world", "--rows-per-file", "16"])
+    marker = secrets.token_hex(8)
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "XMODAL_"))}
+    # A raylet waits 15 s for its dashboard agent by default: not enough on a busy 2-core machine.
+    # Token auth as `ray start --head` turns it on (the head took it from ~/.ray/auth_token, and the
+    # second node, without a token, was refused).
+    base_env.update(
+        s3_env(s3_server), XMODAL_TEST_CLUSTER=marker, PYTHONUNBUFFERED="1", RAY_agent_register_timeout_ms="120000",
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+    )
+    temp_dirs = [tempfile.mkdtemp(prefix="xon", dir="/tmp") for _ in range(2)]  # short: Unix socket paths are limited
+    try:
+        head = start_node(None, {**base_env, "XMODAL_CACHE": str(tmp_path / "head-cache")}, 1, temp_dirs[0])
+        start_node(head, {**base_env, "XMODAL_CACHE": str(tmp_path / "node2-cache")}, 2, temp_dirs[1])
+        driver_env = {**base_env, "RAY_ADDRESS": head["gcs"], "RAY_API_SERVER_ADDRESS": head["dashboard"]}
+        experiment = {
+            "name": "two-node", "method": "supervised", "method_settings": {"input": "sar"},
+            "data": {"root": bucket + "/world", "tile_size": 64, "batch_size": 4, "check_tiles": 4},
+            "model": {"arch": "unet", "encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 8]},
+            "train": {"epochs": 1, "lr": 0.003}, "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+            "run": {"storage": bucket + "/runs", "panels": 0},
+        }
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(experiment))
+        xmodal_driver(["run", str(tmp_path / "run.yaml")], {**driver_env, "XMODAL_CACHE": str(tmp_path / "driver1-cache")}, tmp_path / "driver1")
+        files = bucket_files(bucket + "/runs/two-node")
+        assert {"run.json", "console.log"} <= set(files) and any(f.startswith("tensorboard/events.out.tfevents") for f in files), files
+        assert any(f.startswith("checkpoint_") and f.endswith("/state.pt") for f in files), files
+        summary = json.loads(read_text(bucket + "/runs/two-node/run.json"))
+        assert summary["checkpoint"].startswith(bucket + "/runs/two-node/checkpoint_"), summary["checkpoint"]
+        assert not (tmp_path / "driver1" / "results").exists(), "results go to the bucket, not to ./results of the driver's machine"
+    finally:
+        stop_marked(marker)
+        for temp_dir in temp_dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)
