@@ -285,6 +285,12 @@ def test_ray_train_does_not_retry_an_error_that_would_come_back():
     lost_node = ray.train.WorkerGroupError("failed", {0: UserExceptionWithTraceback(RuntimeError("node died"), "tb")})
     assert policy.make_decision(permanent) == FailureDecision.RAISE
     assert [policy.make_decision(lost_node) for _ in range(3)] == [FailureDecision.RETRY, FailureDecision.RETRY, FailureDecision.RAISE]
+    # CUDA out of memory comes back on the same GPU share: the run ends at once (a sweep records the trial as failed).
+    import torch
+
+    policy = NoRetryOfPermanentErrors(ray.train.FailureConfig(max_failures=2))
+    out_of_memory = ray.train.WorkerGroupError("failed", {1: UserExceptionWithTraceback(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "tb")})
+    assert policy.make_decision(out_of_memory) == FailureDecision.RAISE
 
 
 def test_a_sweep_trial_that_failed_permanently_is_not_run_again_by_tunes_retries(tmp_path: Path, monkeypatch):

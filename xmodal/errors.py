@@ -89,6 +89,25 @@ def permanent_cause(exc: BaseException) -> XmodalError | None:
     return None
 
 
+def cuda_out_of_memory(exc: BaseException) -> BaseException | None:
+    """The CUDA out-of-memory error ``exc`` is or wraps (Ray Train wraps a worker's in its own
+    errors), else ``None``. Running the same configuration again on the same GPU share cannot fix
+    it, so runs do not retry it and sweeps record the trial as failed and go on."""
+    import torch  # here only: this module is imported by everything, before torch is needed
+
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, torch.OutOfMemoryError):
+            return current
+        todo += _wrapped(current)
+    return None
+
+
 def _own_message(exc: BaseException) -> str:
     """An exception's own message: Ray's task errors print a traceback before it, so the message
     is taken from their original exception's arguments when they hold one."""

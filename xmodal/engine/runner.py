@@ -38,7 +38,7 @@ from xmodal.engine.tracking import track_run
 from xmodal.engine.tracking_train import epoch_callbacks
 from xmodal.engine.training import SELECTION_KEY, STATE_FILE
 from xmodal.methods.exports import DamagedFileError, read_torch_file
-from xmodal.errors import RunFailedError, error_line, permanent_cause
+from xmodal.errors import RunFailedError, cuda_out_of_memory, error_line, permanent_cause
 
 
 # Ray forwards worker output to the driver within about a second; a failed run waits that long
@@ -48,7 +48,8 @@ LOG_DRAIN_SECONDS = 2.0
 
 class NoRetryOfPermanentErrors(FailurePolicy):
     """Ray Train's failure policy, except that a worker error running again cannot fix (a bad
-    config, bad data, a non-finite loss: :func:`~xmodal.errors.permanent_cause`) ends the run at
+    config, bad data, a non-finite loss: :func:`~xmodal.errors.permanent_cause`; CUDA out of
+    memory: :func:`~xmodal.errors.cuda_out_of_memory`) ends the run at
     once instead of restarting the worker group ``run.max_failures`` times."""
 
     def __init__(self, failure_config: ray.train.FailureConfig) -> None:
@@ -56,7 +57,7 @@ class NoRetryOfPermanentErrors(FailurePolicy):
         self.default = create_failure_policy(failure_config)
 
     def make_decision(self, training_failed_error: ray.train.TrainingFailedError) -> FailureDecision:
-        if permanent_cause(training_failed_error) is not None:
+        if permanent_cause(training_failed_error) is not None or cuda_out_of_memory(training_failed_error) is not None:
             return FailureDecision.RAISE
         return self.default.make_decision(training_failed_error)
 

@@ -63,7 +63,7 @@ from xmodal.engine.storage import (
     cache_folder, check_reachable, delete_tree, download, filesystem, is_remote, join, portable_paths, read_text, upload, write_text,
 )
 from xmodal.engine.tracking import Tracker, result_files
-from xmodal.errors import ConfigError, RunFailedError, XmodalError, _wrapped, error_line, permanent_cause
+from xmodal.errors import ConfigError, RunFailedError, XmodalError, _wrapped, cuda_out_of_memory, error_line, permanent_cause
 from xmodal.tune.spec import (
     FINAL_KEY, GRID_POINT_KEY, RERUN_DIR, RERUN_FILE, RUN_FILE, SEED_KEY, SPEC_FILE, SweepSpec, final_config, load_sweep, phase_runs, study_url_to_connect,
     without_password,
@@ -656,7 +656,7 @@ def sweep_trial(tune_config: dict[str, Any], plan: TrialPlan) -> None:
     try:
         _sweep_trial(tune_config, plan, trial_id)
     except Exception as exc:
-        oom = out_of_memory(exc)
+        oom = cuda_out_of_memory(exc)
         if oom is not None:  # the same configuration on the same GPU share would run out again
             line = out_of_memory_line(oom, trial_id)
             write_text(marker, line)
@@ -664,23 +664,6 @@ def sweep_trial(tune_config: dict[str, Any], plan: TrialPlan) -> None:
         if isinstance(exc, XmodalError) and (permanent_cause(exc) is not None or _train_gave_up(exc)):
             write_text(marker, error_line(exc))
         raise
-
-
-def out_of_memory(exc: BaseException) -> BaseException | None:
-    """The CUDA out-of-memory error ``exc`` is or carries (Ray Train wraps a worker's in its own errors)."""
-    import torch
-
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        current = todo.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, torch.OutOfMemoryError):
-            return current
-        todo += _wrapped(current)
-    return None
 
 
 def out_of_memory_line(oom: BaseException, trial_id: str) -> str:
