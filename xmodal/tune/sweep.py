@@ -63,7 +63,7 @@ from xmodal.engine.storage import (
     cache_folder, check_reachable, delete_tree, download, filesystem, is_remote, join, portable_paths, read_text, upload, write_text,
 )
 from xmodal.engine.tracking import Tracker, result_files
-from xmodal.errors import ConfigError, RunFailedError, XmodalError, _wrapped, cuda_out_of_memory, error_line, permanent_cause
+from xmodal.errors import ConfigError, RunFailedError, XmodalError, cuda_out_of_memory, error_line, permanent_cause
 from xmodal.tune.spec import (
     FINAL_KEY, GRID_POINT_KEY, RERUN_DIR, RERUN_FILE, RUN_FILE, SEED_KEY, SPEC_FILE, SweepSpec, final_config, load_sweep, phase_runs, study_url_to_connect,
     without_password,
