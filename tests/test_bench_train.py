@@ -105,8 +105,7 @@ def test_overhead_targets_of_issue_19():
 def test_a_local_ray_without_dashboard_leaves_out_metrics_but_keeps_them_with_it():
     environment, system_config = local_ray_options(dashboard=False)
     assert environment == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
-    assert system_config["enable_metrics_collection"] is False
-    assert system_config["idle_worker_killing_time_threshold_ms"] == 600_000
+    assert system_config == {"idle_worker_killing_time_threshold_ms": 600_000}
     environment, system_config = local_ray_options(dashboard=True)  # sweeps and run.dashboard
     assert environment == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     assert system_config == {"idle_worker_killing_time_threshold_ms": 600_000}
@@ -124,7 +123,7 @@ def test_start_local_ray_passes_the_options_and_leaves_a_users_setting(monkeypat
     monkeypatch.setenv("RAY_TRAIN_METRICS_ENABLED", "1")  # the user asked for Train's metrics
     monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
     session.start_local_ray(3, dashboard=False)
-    assert calls[0]["_system_config"]["enable_metrics_collection"] is False and calls[0]["include_dashboard"] is False
+    assert calls[0]["_system_config"] == {"idle_worker_killing_time_threshold_ms": 600_000} and calls[0]["include_dashboard"] is False
     assert os.environ["RAY_TRAIN_METRICS_ENABLED"] == "1" and os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert session._local_without_state_api == "127.0.0.1:6379"  # this Ray has no State API
 

@@ -25,10 +25,11 @@ IDLE_WORKER_SECONDS = 600
 # Train V2 starts a PreemptionWatcher actor with every worker group, polling every 5 s for spot
 # nodes being taken away: a local machine has none, and the actor's start delays the first step.
 LOCAL_ENVIRONMENT = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-# Without the dashboard nothing reads Ray's metrics: Train's metric callbacks and every process's
-# metric recording (exported every few seconds through the node's agent) only cost CPU.
+# Without the dashboard nothing reads Train's metrics: its metric callbacks only cost CPU. (Ray
+# core's own metric recording stays on: with ``enable_metrics_collection`` off, 2 of 3 starts on a
+# loaded 2-core machine failed, the raylet timing out waiting for the metrics agent's port file.)
 WITHOUT_DASHBOARD_ENVIRONMENT = {"RAY_TRAIN_METRICS_ENABLED": "0"}
-WITHOUT_DASHBOARD_SYSTEM_CONFIG: dict[str, object] = {"enable_metrics_collection": False}
+WITHOUT_DASHBOARD_SYSTEM_CONFIG: dict[str, object] = {}
 
 # The GCS address of the local Ray this process started without the dashboard (no State API).
 _local_without_state_api: str | None = None
