@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -338,19 +339,22 @@ def bucket_files(uri: str) -> list[str]:
 
 
 @pytest.mark.ray
-def test_a_two_node_cluster_trains_from_a_bucket_into_a_bucket(tiny_world: Path, bucket: str, s3_server: str, tmp_path: Path):
-    """A head (1 CPU: the driver's side) and a second node (2 CPUs: the Train workers) on 127.0.0.1,
+def test_a_two_node_sweep_reads_and_writes_a_bucket_and_resumes_from_it_alone(tiny_world: Path, bucket: str, s3_server: str, tmp_path: Path):
+    """A head (1 CPU: the drivers' side) and a second node (2 CPUs: the Train workers) on 127.0.0.1,
     each with its own ports, temp dir and xmodal cache, so no file reaches the driver through a
-    shared disk: the packed data and the run storage live on the bucket. A 2-worker Train run
-    leaves run.json, console.log, the rank-0 worker's TensorBoard files and its checkpoints on the
-    bucket (its checkpoint named by URI), and nothing in the driver's working dir."""
+    shared disk: the packed data and the sweep folder live on the bucket. A 2-trial sweep, each
+    trial a 2-worker Train run, leaves every trial's run.json, console.log, the rank-0 worker's
+    TensorBoard files and checkpoints (named by URI), the Optuna study and the report on the
+    bucket, and nothing in the driver's working dir. `--resume` from a fresh folder and cache, with
+    the bucket alone, finds both trials finished and the study complete."""
     import secrets
 
+    import optuna
     import yaml
     from test_cluster import stop_marked
 
     from xmodal.cli.main import main
-    from xmodal.data.storage import read_text
+    from xmodal.data.storage import filesystem, read_text
 
     main(["data", "pack", str(tiny_world), "--out", bucket + "/world", "--rows-per-file", "16"])
     marker = secrets.token_hex(8)
@@ -367,21 +371,41 @@ def test_a_two_node_cluster_trains_from_a_bucket_into_a_bucket(tiny_world: Path,
         head = start_node(None, {**base_env, "XMODAL_CACHE": str(tmp_path / "head-cache")}, 1, temp_dirs[0])
         start_node(head, {**base_env, "XMODAL_CACHE": str(tmp_path / "node2-cache")}, 2, temp_dirs[1])
         driver_env = {**base_env, "RAY_ADDRESS": head["gcs"], "RAY_API_SERVER_ADDRESS": head["dashboard"]}
-        experiment = {
+        sweep = {
             "name": "two-node", "method": "supervised", "method_settings": {"input": "sar"},
             "data": {"root": bucket + "/world", "tile_size": 64, "batch_size": 4, "check_tiles": 4},
             "model": {"arch": "unet", "encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 8]},
-            "train": {"epochs": 1, "lr": 0.003}, "scaling": {"num_workers": 2, "cpus_per_worker": 1},
-            "run": {"storage": bucket + "/runs", "panels": 0},
+            "train": {"epochs": 1, "lr": 0.003}, "scaling": {"num_workers": 2, "cpus_per_worker": 1}, "run": {"panels": 0},
+            "sweep": {"search": "optuna", "num_samples": 2, "scheduler": "fifo", "max_concurrent_trials": 1, "trial_cpus": 0,
+                      "storage": bucket + "/sweeps", "parameters": {"train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}}},
         }
-        (tmp_path / "run.yaml").write_text(yaml.safe_dump(experiment))
-        xmodal_driver(["run", str(tmp_path / "run.yaml")], {**driver_env, "XMODAL_CACHE": str(tmp_path / "driver1-cache")}, tmp_path / "driver1")
-        files = bucket_files(bucket + "/runs/two-node")
-        assert {"run.json", "console.log"} <= set(files) and any(f.startswith("tensorboard/events.out.tfevents") for f in files), files
-        assert any(f.startswith("checkpoint_") and f.endswith("/state.pt") for f in files), files
-        summary = json.loads(read_text(bucket + "/runs/two-node/run.json"))
-        assert summary["checkpoint"].startswith(bucket + "/runs/two-node/checkpoint_"), summary["checkpoint"]
-        assert not (tmp_path / "driver1" / "results").exists(), "results go to the bucket, not to ./results of the driver's machine"
+        (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+        started = time.time()
+        done = xmodal_driver(["sweep", str(tmp_path / "sweep.yaml")], {**driver_env, "XMODAL_CACHE": str(tmp_path / "driver1-cache")}, tmp_path / "driver1")
+        print(f"two-node sweep: {time.time() - started:.0f} s;", *[line for line in done.stdout.splitlines() if "trials/hour" in line])
+        assert "sweep two-node: 2 trials (2 terminated)" in done.stdout, done.stdout[-4000:]
+        folder = bucket + "/sweeps/two-node"
+        files = bucket_files(folder)
+        assert {"sweep.json", "optuna.db", "console.log", "report/report.md"} <= set(files), files
+        runs = [f for f in files if f.startswith("results/trial-") and f.endswith("/run.json")]
+        assert len(runs) == 2, files
+        for run in runs:
+            trial = run.split("/")[1]
+            assert any(f.startswith(f"results/{trial}/tensorboard/events.out.tfevents") for f in files), (trial, files)
+            assert any(f.startswith(f"runs/{trial}/checkpoint_") and f.endswith("/state.pt") for f in files), (trial, files)
+            summary = json.loads(read_text(f"{folder}/{run}"))
+            assert summary["checkpoint"].startswith(f"{folder}/runs/{trial}/checkpoint_"), summary["checkpoint"]
+        assert not [p for p in (tmp_path / "driver1").rglob("*") if p.is_file() and "sweep-reports" not in p.parts], "outputs go to the bucket"
+
+        # Resume from another machine's point of view: a fresh working dir and cache, the bucket alone.
+        resumed = xmodal_driver(["sweep", str(tmp_path / "sweep.yaml"), "--resume"], {**driver_env, "XMODAL_CACHE": str(tmp_path / "driver2-cache")}, tmp_path / "driver2")
+        assert "sweep two-node: 2 trials (2 terminated)" in resumed.stdout, resumed.stdout[-4000:]
+        fs, study_path = filesystem(folder + "/optuna.db")
+        study_copy = tmp_path / "study.db"
+        with fs.open_input_stream(study_path) as stream:
+            study_copy.write_bytes(stream.read())
+        study = optuna.load_study(study_name="two-node", storage=f"sqlite:///{study_copy}")
+        assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     finally:
         stop_marked(marker)
         for temp_dir in temp_dirs:
