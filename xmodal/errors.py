@@ -6,6 +6,8 @@ their input without reading a traceback.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class XmodalError(Exception):
     """Base class of every error xmodal raises on purpose."""
@@ -67,26 +69,32 @@ def _is_permanent(exc: BaseException) -> bool:
     return isinstance(exc, PERMANENT_ERRORS) or (isinstance(exc, RunFailedError) and exc.permanent)
 
 
-def permanent_cause(exc: BaseException) -> XmodalError | None:
-    """The permanent xmodal error (:data:`PERMANENT_ERRORS`, or a permanent :class:`RunFailedError`)
-    that ``exc`` is or wraps, else ``None``; the innermost one when they wrap each other (a Ray
-    task error posing as the worker's ``DataError`` wraps the original)."""
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception it carries (:func:`_wrapped`), breadth first, each once."""
     seen: set[int] = set()
     todo = [exc]
     while todo:
         current = todo.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if _is_permanent(current):
-            inner = [e for e in _wrapped(current) if _is_permanent(e) and id(e) not in seen]
-            while inner:
-                current = inner[0]
-                seen.add(id(current))
-                inner = [e for e in _wrapped(current) if _is_permanent(e) and id(e) not in seen]
-            return current  # type: ignore[return-value]
-        todo += _wrapped(current)
-    return None
+        if id(current) not in seen:
+            seen.add(id(current))
+            yield current
+            todo += _wrapped(current)
+
+
+def permanent_cause(exc: BaseException) -> XmodalError | None:
+    """The permanent xmodal error (:data:`PERMANENT_ERRORS`, or a permanent :class:`RunFailedError`)
+    that ``exc`` is or wraps, else ``None``; the innermost one when they wrap each other (a Ray
+    task error posing as the worker's ``DataError`` wraps the original)."""
+    outer = next((current for current in _chain(exc) if _is_permanent(current)), None)
+    if outer is None:
+        return None
+    seen = {id(outer)}
+    inner = [e for e in _wrapped(outer) if _is_permanent(e)]
+    while inner and id(inner[0]) not in seen:
+        outer = inner[0]
+        seen.add(id(outer))
+        inner = [e for e in _wrapped(outer) if _is_permanent(e)]
+    return outer  # type: ignore[return-value]
 
 
 def cuda_out_of_memory(exc: BaseException) -> BaseException | None:
@@ -95,17 +103,7 @@ def cuda_out_of_memory(exc: BaseException) -> BaseException | None:
     it, so runs do not retry it and sweeps record the trial as failed and go on."""
     import torch  # here only: this module is imported by everything, before torch is needed
 
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        current = todo.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, torch.OutOfMemoryError):
-            return current
-        todo += _wrapped(current)
-    return None
+    return next((current for current in _chain(exc) if isinstance(current, torch.OutOfMemoryError)), None)
 
 
 def _own_message(exc: BaseException) -> str:

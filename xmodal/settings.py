@@ -163,6 +163,16 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def flatten_dotted(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{dotted.key: leaf}`` (an empty mapping is a leaf)."""
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out.update(flatten_dotted(inner, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
 def get_dotted(data: Any, dotted: str, default: Any = None) -> Any:
     """``data["a"]["b"]`` for ``dotted == "a.b"``, or ``default`` when a key is missing."""
     node = data

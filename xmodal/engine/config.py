@@ -39,7 +39,7 @@ from xmodal.errors import ConfigError
 from xmodal.methods.base import ModelSettings
 from xmodal.methods.optim import MAIN, OptimSettings
 from xmodal.methods.registry import get_method
-from xmodal.settings import from_dict, merge, set_dotted, to_dict
+from xmodal.settings import flatten_dotted, from_dict, merge, set_dotted, to_dict
 
 
 @dataclass
@@ -333,18 +333,9 @@ def fingerprint(config: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for key, inner in value.items():
-            out.update(_flatten(inner, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): value}
-
-
 def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The settings two fingerprints differ in, as ``key: saved -> current`` (dotted keys)."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flatten_dotted(saved), flatten_dotted(current)
     missing = object()
     return [
         f"{key}: {old.get(key, 'unset')!r} -> {new.get(key, 'unset')!r}"

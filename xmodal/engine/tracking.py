@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xmodal.errors import ConfigError, error_line
+from xmodal.settings import flatten_dotted
 
 if TYPE_CHECKING:
     from xmodal.engine.config import ExperimentConfig
@@ -87,14 +88,9 @@ def store_of(setting: str, folder: str | Path) -> tuple[str, str | None]:
     return f"sqlite:///{folder / STORE_FILE}", (folder / ARTIFACTS_DIR).as_uri()
 
 
-def flat_params(value: Any, prefix: str = "") -> dict[str, str]:
+def flat_params(value: Any) -> dict[str, str]:
     """Nested settings as dotted keys -> text (MLflow params are strings)."""
-    if isinstance(value, dict) and value:
-        out: dict[str, str] = {}
-        for key, inner in value.items():
-            out.update(flat_params(inner, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): str(value)[:_PARAM_CHARS]}
+    return {key: str(leaf)[:_PARAM_CHARS] for key, leaf in flatten_dotted(value).items()}
 
 
 def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
