@@ -169,10 +169,16 @@ def test_a_lean_local_ray_still_restarts_a_lost_train_worker(tmp_path: Path):
     def dies_once() -> int:  # defined here: pickled by value, the workers need not import this file
         if not marker.exists():
             marker.write_text("died once")
+            # Lost mid-training, as a reclaimed node is: a death while the controller is still
+            # starting the function is a controller error, which Train does not retry.
+            time.sleep(3)
             os._exit(1)  # a lost process, not an exception
         return 7
 
+    from ray._private.state import actors
+
     started = connect(None, 2, dashboard=False)  # or the test session's, started by connect too
+    earlier = set(actors())  # the session's Ray may hold actors of earlier tests
     sampler = ProcessCpuSampler(interval=0.2).start()
     try:
         trainer = XmodalTrainer(
@@ -181,10 +187,8 @@ def test_a_lean_local_ray_still_restarts_a_lost_train_worker(tmp_path: Path):
             run_config=ray.train.RunConfig(name="lean", storage_path=str(tmp_path / "runs"), failure_config=ray.train.FailureConfig(max_failures=1)),
         )
         result = trainer.fit()
-        # GCS's actor table: every actor this Ray ever created (a process sample can miss a short one).
-        from ray._private.state import actors
-
-        classes = [info["ActorClassName"] for info in actors().values()]
+        # GCS's actor table: every actor this run created (a process sample can miss a short one).
+        classes = [info["ActorClassName"] for actor, info in actors().items() if actor not in earlier]
     finally:
         sampler.stop()
         if started:
