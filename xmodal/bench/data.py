@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -144,15 +145,19 @@ def _consume_loop(config: dict[str, Any]) -> list[tuple[int, float, float]]:
 
 def _through_train(dataset: ray.data.Dataset, label: str, epochs: int, batch_size: int) -> dict[str, Any]:
     """Epoch rates of ``dataset`` consumed by one Train worker, with the peak memory meanwhile."""
+    scratch = tempfile.mkdtemp(prefix="xmodal-bench-")
     trainer = TorchTrainer(
         _consume_loop,
         train_loop_config={"epochs": epochs, "batch_size": batch_size},
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
         datasets={"train": dataset},
-        run_config=ray.train.RunConfig(name=f"bench-{label}-{time.time_ns()}", storage_path=tempfile.mkdtemp(prefix="xmodal-bench-")),
+        run_config=ray.train.RunConfig(name=f"bench-{label}-{time.time_ns()}", storage_path=scratch),
     )
-    with MemorySampler() as memory:
-        per_epoch = trainer.fit().return_value
+    try:
+        with MemorySampler() as memory:
+            per_epoch = trainer.fit().return_value
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # Train's run folder: nothing in it is a figure
     rates = epoch_rates([c for c, _, _ in per_epoch], [s for _, s, _ in per_epoch])
     seconds = [s for _, s, _ in per_epoch]
     return {**rates, "epoch_seconds": seconds, "first_batch_seconds": [f for _, _, f in per_epoch], **memory.figures()}

@@ -195,7 +195,7 @@ def bench_train(data_root: str | None = None, tiles: int = 128, epochs: int = 5,
     launched = time.time()
     started_ray = init_ray()
     ray_ready = time.time()
-    try:
+    try:  # the run's checkpoints are scratch: removed however the run ends
         plan, prepared = plan_run(config)
         plan.splits = ("train",)
         plan.train_tiles = len(samples)
@@ -207,6 +207,7 @@ def bench_train(data_root: str | None = None, tiles: int = 128, epochs: int = 5,
         sampler.stop()
         if started_ray:
             ray.shutdown()
+        shutil.rmtree(config.run.storage, ignore_errors=True)
     cpu_before = time.process_time()
     plain_seconds += _plain_epoch_seconds(method, config, tensors, max(1, (epochs - 1) - (epochs - 1) // 2))
     plain_cpu += time.process_time() - cpu_before
@@ -371,6 +372,8 @@ def bench_train_gpu(data_root: str | None = None, tiles: int = 128, epochs: int 
         if started_ray:
             ray.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(config.run.storage, ignore_errors=True)
+        shutil.rmtree(optical.run.storage, ignore_errors=True)
     history = result.metrics_dataframe
     seconds = list(history["epoch_seconds"]) if history is not None and "epoch_seconds" in history else []
     waits = list(history["data_wait_seconds"]) if history is not None and "data_wait_seconds" in history else []

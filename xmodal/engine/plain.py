@@ -50,6 +50,13 @@ def _save_checkpoint(folder: Path, state: dict[str, Any], exports: dict[str, Any
     shutil.rmtree(previous, ignore_errors=True)
 
 
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copy2(source, target)
+
+
 def recover_checkpoints(folder: Path, log: Callable[[str], None]) -> None:
     """Finish what a kill inside :func:`_save_checkpoint` left: a checkpoint moved aside whose
     replacement never arrived is put back, and unfinished scratch folders are removed."""
@@ -156,7 +163,9 @@ def run_plain_single(
         writer.close()
     if outcome["tested_epoch"] == config.train.epochs or not (folder / TESTED_DIR).is_dir():
         shutil.rmtree(folder / TESTED_DIR, ignore_errors=True)
-        shutil.copytree(folder / LAST_DIR, folder / TESTED_DIR)
+        # Hard links: checkpoint files are replaced by renaming, never rewritten in place, so the
+        # tested copy of the last epoch costs no disk.
+        shutil.copytree(folder / LAST_DIR, folder / TESTED_DIR, copy_function=_link_or_copy)
     summary = summarise(
         config, outcome, spec=spec, checkpoint=str(folder / TESTED_DIR), last_checkpoint=str(folder / LAST_DIR),
         started=started, inputs={name: ref.record() for name, ref in inputs.items()}, engine="plain",
