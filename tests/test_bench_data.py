@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import pytest
 
@@ -60,8 +62,11 @@ def test_memory_sampler_sees_an_allocation(monkeypatch):
     monkeypatch.setattr(psutil.Process, "children", lambda self, recursive=False: [])
     with MemorySampler(interval=60) as memory:
         before = memory.peak_bytes
-        block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+        # 64 MiB of fresh pages, touched: a fresh anonymous mapping, because malloc may hand back
+        # pages that earlier tests freed and that are still resident (no growth to see then).
+        block = mmap.mmap(-1, 64 * 2**20)
+        block.write(b"\x01" * len(block))
         memory.sample()
         assert memory.peak_bytes - before >= 48 * 2**20
-        del block
+        block.close()
     assert memory.figures()["peak_memory_mib"] >= 48
