@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from xmodal.data.pipeline import import_decoding
 from xmodal.engine.session import connect
 
 BENCH_WORLD = {"seed": 11, "regions": 4, "tile_size": 128}
@@ -48,6 +49,8 @@ def epoch_rates(tiles: list[int], seconds: list[float]) -> dict[str, float]:
 
 
 DRIVER = "driver (this process)"
+IDLE = "ray::IDLE"
+PASSING = {IDLE, f"ray::{import_decoding.__name__}"}  # names a worker shows before it is anything
 ACTOR_METHOD = re.compile(r"^(ray::[A-Za-z_]\w*)\.\w+$")
 # Ray's own scripts run as ``python .../<script>.py``: the script names the process.
 RAY_SCRIPTS = {"monitor.py": "autoscaler monitor", "dashboard.py": "dashboard head", "log_monitor.py": "log monitor"}
@@ -115,8 +118,13 @@ class ProcessCpuSampler:
                     key = (process.pid, process.create_time())
                     times = process.cpu_times()
                     used[key] = times.user + times.system
-                    # Read each time: a Ray worker renames itself once started, and again per task.
-                    self.labels[key] = DRIVER if process.pid == self.root else process_label(process.name(), process.cmdline())
+                    # A Ray worker renames itself once started, per task and per actor method
+                    # (the Train worker shows "ray::execute" while it runs the training function):
+                    # the first Ray name that says what it is sticks (not ray::IDLE, nor the
+                    # warm-up task a decode worker runs first; a newborn worker is still "python").
+                    current = self.labels.get(key)
+                    if current is None or current in PASSING or not current.startswith("ray::"):
+                        self.labels[key] = DRIVER if process.pid == self.root else process_label(process.name(), process.cmdline())
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
         self.samples.append((time.time(), used))

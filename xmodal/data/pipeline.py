@@ -169,7 +169,7 @@ _MAX_WARMED_WORKERS = 16
 _WARMED: dict[tuple[str, str], list[ray.ObjectRef]] = {}
 
 
-def _import_decoding() -> None:
+def import_decoding() -> None:
     """Import, in a Ray worker, what a decode task imports: Ray Data's block code (this module,
     with rasterio and the readers, comes with the function itself)."""
     import ray.data._internal.execution.operators.map_transformer  # noqa: F401
@@ -193,7 +193,7 @@ def warm_workers() -> None:
     # One per CPU Ray Data can use beside one Train worker (a few on a cluster: each node starts
     # its own workers as tasks arrive); no CPU held, so the worker group's placement never waits.
     count = max(1, min(_MAX_WARMED_WORKERS, int(ray.cluster_resources().get("CPU", 1)) - 1))
-    task = ray.remote(num_cpus=0, max_retries=0)(_import_decoding)
+    task = ray.remote(num_cpus=0, max_retries=0)(import_decoding)
     _WARMED[session] = [task.options(scheduling_strategy="SPREAD").remote() for _ in range(count)]
 
 
