@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import mmap
 
-import numpy as np
 import pytest
 
-from xmodal.bench.data import MemorySampler, cycled_records, format_data_figures, parse_tile_sizes, scale_figures
+from xmodal.bench.data import (
+    MemorySampler,
+    cycled_records,
+    format_data_figures,
+    parse_tile_sizes,
+    scale_figures,
+)
 from xmodal.cli.main import main
 from xmodal.errors import ConfigError
 
@@ -43,15 +48,25 @@ def test_scale_verdicts_follow_the_ten_percent_target():
     assert flat["tiles_per_s_flat"] and flat["time_linear_in_tiles"] and flat["memory_flat"]
     assert flat["steady_spread"] == pytest.approx(0.075)
     slow_start = scale_figures([_row(256, 150.0, 1000.0), _row(16384, 215.0, 1500.0)])
-    assert not slow_start["tiles_per_s_flat"] and not slow_start["time_linear_in_tiles"] and not slow_start["memory_flat"]
+    assert not slow_start["tiles_per_s_flat"] and slow_start["time_linear_in_tiles"] is None and not slow_start["memory_flat"]
+    # A fixed cost per epoch is still linear in tiles; a per-tile cost that grows with the size is not.
+    fixed_cost = [_row(t, t / (1.0 + t / 100.0), 1000.0) for t in (256, 2048, 16384)]  # 1 s + 10 ms per tile
+    assert scale_figures(fixed_cost)["time_linear_in_tiles"] and scale_figures(fixed_cost)["epoch_fixed_s"] == pytest.approx(1.0)
+    assert scale_figures(fixed_cost)["epoch_ms_per_tile"] == pytest.approx(10.0)
+    slowing = scale_figures([_row(256, 200.0, 1000.0), _row(2048, 200.0, 1000.0), _row(16384, 100.0, 1000.0)])
+    assert slowing["time_linear_in_tiles"] is False
     figures = {
         "tiles_per_epoch": 256, "distinct_tiles": 256, "epochs": 3, "batch_size": 16, "cores": 2, "raw_decode_tiles_per_s": 239.0,
         "dataloader": {"epoch1": 334.0, "steady": 385.0}, "target": "t", "scale": slow_start,
         "ray_data_streaming": {"epoch1": 300.0, "steady": 400.0, "ratio_vs_dataloader": 400 / 385, "epoch1_ratio_vs_dataloader": 300 / 334,
-                               "peak_memory_mib": 1000.0},
+                               "peak_memory_mib": 1000.0, "cpu_ms_per_tile": 9.5, "cpu_window_s": 4.0,
+                               "cpu_per_process": [{"process": "ray::MapBatches(decode)", "count": 2, "cpu_s": 3.1, "cpu_percent": 77.5}]},
     }
     text = format_data_figures(figures)
-    assert "1.04x" in text and "0.90x" in text and "16384" in text and "not flat" in text and "not linear" in text
+    assert "1.04x" in text and "0.90x" in text and "16384" in text and "not flat" in text and "linearity needs 3 sizes" in text
+    # Where the CPU went: a tile's decode alone against the streaming path's CPU per tile, by process.
+    assert "raw decode costs 4.18 CPU ms per tile" in text and "(streaming): 9.50 CPU ms per tile" in text
+    assert "ray::MapBatches(decode)" in text and "later epochs, the 8 busiest (4.0 s" in text
 
 
 def test_memory_sampler_sees_an_allocation(monkeypatch):

@@ -21,12 +21,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from xmodal.bench.common import bench_data_root, epoch_rates, init_ray
+from xmodal.bench.common import (
+    ProcessCpuSampler,
+    bench_data_root,
+    cpu_table,
+    epoch_rates,
+    format_cpu_table,
+    init_ray,
+)
 from xmodal.data.manifest import Manifest
 from xmodal.data.prepared import DataSettings, PreparedData, prepare_data
 from xmodal.data.store import PACKED_READER
@@ -72,7 +80,10 @@ def spread(values: list[float]) -> float:
 def _object_store_bytes() -> int | None:
     """Bytes in this Ray's object stores now, or ``None`` where Ray does not say."""
     try:
-        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+        from ray._private.internal_api import (
+            get_memory_info_reply,
+            get_state_from_address,
+        )
 
         return int(get_memory_info_reply(get_state_from_address(), timeout_seconds=5).store_stats.object_store_bytes_used)
     except Exception:  # noqa: BLE001 - a private API: the figure is then reported as unavailable
@@ -129,8 +140,8 @@ class MemorySampler:
         return {"peak_memory_mib": round(self.peak_bytes / mib, 1), "peak_object_store_mib": store}
 
 
-def _consume_loop(config: dict[str, Any]) -> list[tuple[int, float, float]]:
-    """Each epoch: (tiles, seconds, seconds to the first batch)."""
+def _consume_loop(config: dict[str, Any]) -> list[tuple[int, float, float, float]]:
+    """Each epoch: (tiles, seconds, seconds to the first batch, wall time at its end)."""
     shard = ray.train.get_dataset_shard("train")
     out = []
     for _ in range(config["epochs"]):
@@ -139,7 +150,7 @@ def _consume_loop(config: dict[str, Any]) -> list[tuple[int, float, float]]:
             if first is None:
                 first = time.perf_counter() - started
             count += batch["sar"].shape[0]
-        out.append((count, time.perf_counter() - started, first or 0.0))
+        out.append((count, time.perf_counter() - started, first or 0.0, time.time()))
     return out
 
 
@@ -153,14 +164,28 @@ def _through_train(dataset: ray.data.Dataset, label: str, epochs: int, batch_siz
         datasets={"train": dataset},
         run_config=ray.train.RunConfig(name=f"bench-{label}-{time.time_ns()}", storage_path=scratch),
     )
+    sampler = ProcessCpuSampler().start()
     try:
         with MemorySampler() as memory:
             per_epoch = trainer.fit().return_value
     finally:
+        sampler.stop()
         shutil.rmtree(scratch, ignore_errors=True)  # Train's run folder: nothing in it is a figure
-    rates = epoch_rates([c for c, _, _ in per_epoch], [s for _, s, _ in per_epoch])
-    seconds = [s for _, s, _ in per_epoch]
-    return {**rates, "epoch_seconds": seconds, "first_batch_seconds": [f for _, _, f in per_epoch], **memory.figures()}
+    counts = [c for c, _, _, _ in per_epoch]
+    rates = epoch_rates(counts, [s for _, s, _, _ in per_epoch])
+    seconds = [s for _, s, _, _ in per_epoch]
+    # Where the CPU of the later epochs went, per process: the decode tasks against what a tile
+    # costs to decode alone, and the rest (the Train worker's ingest, Ray's own processes).
+    ends = [end for _, _, _, end in per_epoch]
+    begin, end = (ends[0], ends[-1]) if len(ends) > 1 else (ends[0] - seconds[0], ends[0])
+    window = max(end - begin, 1e-9)
+    table = cpu_table(sampler.use_between(begin, end), window, os.cpu_count() or 1)
+    later_tiles = sum(counts[1:]) or counts[0]
+    return {
+        **rates, "epoch_seconds": seconds, "first_batch_seconds": [f for _, _, f, _ in per_epoch], **memory.figures(),
+        "cpu_window_s": round(window, 2), "cpu_per_process": table,
+        "cpu_ms_per_tile": round(1000.0 * sum(row["cpu_s"] for row in table) / later_tiles, 2),
+    }
 
 
 def _dataloader(prepared: PreparedData, records: list[dict[str, Any]], epochs: int, workers: int) -> dict[str, Any]:
@@ -270,7 +295,16 @@ def scale_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """
     steady = [row["steady"] for row in rows]
     memory = [row["peak_memory_mib"] for row in rows]
+    # Epoch time = a fixed cost per epoch + a cost per tile, fitted over the sizes' later epochs:
+    # linear when every size sits within FLAT of the line (it takes 3 sizes to say).
+    tiles = [row["tiles"] for row in rows]
+    later = [float(np.mean(row["epoch_seconds"][1:] or row["epoch_seconds"])) for row in rows]
+    per_tile, fixed = np.polyfit(tiles, later, 1) if len(rows) > 1 else (float("nan"), float("nan"))
+    worst = max(abs(fixed + per_tile * t - s) / s for t, s in zip(tiles, later)) if len(rows) > 1 else float("nan")
     return {
+        "epoch_fixed_s": float(fixed),
+        "epoch_ms_per_tile": float(1000.0 * per_tile),
+        "epoch_fit_worst": float(worst),
         "sizes": [
             {key: row[key] for key in ("tiles", "epoch1", "steady", "epoch_seconds", "peak_memory_mib", "peak_object_store_mib")}
             for row in rows
@@ -279,7 +313,7 @@ def scale_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "memory_spread": spread(memory),
         "tiles_per_s_flat": spread(steady) <= FLAT,
         "memory_flat": spread(memory) <= FLAT,
-        "time_linear_in_tiles": spread(steady) <= FLAT,
+        "time_linear_in_tiles": bool(worst <= FLAT) if len(rows) > 2 else None,
     }
 
 
@@ -311,6 +345,12 @@ def format_data_figures(figures: dict[str, Any]) -> str:
             f"{'' if first is None else f'{first:.2f}x':>14s} {'' if memory is None else f'{memory:.0f}':>9s}"
         )
     lines.append("(tiles/s)  target: " + figures["target"])
+    lines.append(f"raw decode costs {1000.0 / figures['raw_decode_tiles_per_s']:.2f} CPU ms per tile in one process")
+    for name, key in rows:
+        entry = figures.get(key)
+        if entry and entry.get("cpu_per_process"):
+            lines.append(f"{name}: {entry['cpu_ms_per_tile']:.2f} CPU ms per tile over all processes, later epochs")
+            lines += format_cpu_table(entry["cpu_per_process"][:8], entry["cpu_window_s"], "later epochs, the 8 busiest")
     scale = figures.get("scale")
     if scale:
         lines.append("scale (Ray Data -> Train, streaming):")
@@ -322,9 +362,13 @@ def format_data_figures(figures: dict[str, Any]) -> str:
                 f"  {row['tiles']:7d} {row['epoch1']:9.1f} {row['steady']:9.1f} {sum(later) / len(later):16.2f} "
                 f"{row['peak_memory_mib']:9.0f} {'?' if store is None else f'{store:.0f}':>10s}"
             )
+        linear = scale["time_linear_in_tiles"]
         lines.append(
-            f"  steady tiles/s spread {scale['steady_spread']:.0%} ({'flat' if scale['tiles_per_s_flat'] else 'not flat'}, "
-            f"time {'linear' if scale['time_linear_in_tiles'] else 'not linear'} in tiles), peak memory spread "
+            f"  steady tiles/s spread {scale['steady_spread']:.0%} ({'flat' if scale['tiles_per_s_flat'] else 'not flat'}), peak memory spread "
             f"{scale['memory_spread']:.0%} ({'flat' if scale['memory_flat'] else 'not flat'}); target within {FLAT:.0%}"
+        )
+        lines.append(
+            f"  epoch time = {scale['epoch_fixed_s']:.2f} s + {scale['epoch_ms_per_tile']:.2f} ms per tile "
+            + ("(linearity needs 3 sizes)" if linear is None else f"({'linear' if linear else 'not linear'}: worst size {scale['epoch_fit_worst']:.0%} off the line)")
         )
     return "\n".join(lines)
