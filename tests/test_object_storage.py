@@ -340,7 +340,7 @@ def bucket_files(uri: str) -> list[str]:
 
 @pytest.mark.ray
 def test_a_two_node_sweep_reads_and_writes_a_bucket_and_resumes_from_it_alone(tiny_world: Path, bucket: str, s3_server: str, tmp_path: Path):
-    """A head (1 CPU: the drivers' side) and a second node (2 CPUs: the Train workers) on 127.0.0.1,
+    """A head (1 CPU: the drivers' side) and a second node (the Train workers) on 127.0.0.1,
     each with its own ports, temp dir and xmodal cache, so no file reaches the driver through a
     shared disk: the packed data and the sweep folder live on the bucket. A 2-trial sweep, each
     trial a 2-worker Train run, leaves every trial's run.json, console.log, the rank-0 worker's
@@ -369,14 +369,15 @@ def test_a_two_node_sweep_reads_and_writes_a_bucket_and_resumes_from_it_alone(ti
     temp_dirs = [tempfile.mkdtemp(prefix="xon", dir="/tmp") for _ in range(2)]  # short: Unix socket paths are limited
     try:
         head = start_node(None, {**base_env, "XMODAL_CACHE": str(tmp_path / "head-cache")}, 1, temp_dirs[0])
-        start_node(head, {**base_env, "XMODAL_CACHE": str(tmp_path / "node2-cache")}, 2, temp_dirs[1])
+        # 4 logical CPUs on 2 cores: both trials' 2-worker runs at once, so their start-ups overlap.
+        start_node(head, {**base_env, "XMODAL_CACHE": str(tmp_path / "node2-cache")}, 4, temp_dirs[1])
         driver_env = {**base_env, "RAY_ADDRESS": head["gcs"], "RAY_API_SERVER_ADDRESS": head["dashboard"]}
         sweep = {
             "name": "two-node", "method": "supervised", "method_settings": {"input": "sar"},
             "data": {"root": bucket + "/world", "tile_size": 64, "batch_size": 4, "check_tiles": 4},
             "model": {"arch": "unet", "encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 8]},
             "train": {"epochs": 1, "lr": 0.003}, "scaling": {"num_workers": 2, "cpus_per_worker": 1}, "run": {"panels": 0},
-            "sweep": {"search": "optuna", "num_samples": 2, "scheduler": "fifo", "max_concurrent_trials": 1, "trial_cpus": 0,
+            "sweep": {"search": "optuna", "num_samples": 2, "scheduler": "fifo", "max_concurrent_trials": 2, "trial_cpus": 0,
                       "storage": bucket + "/sweeps", "parameters": {"train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}}},
         }
         (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
