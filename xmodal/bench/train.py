@@ -209,9 +209,10 @@ def bench_train(data_root: str | None = None, tiles: int = 128, epochs: int = 5,
         # worker uses. Its excess over the plain loop is Ray Data's ingest; the Train loop's
         # excess over it is Train's own (worker process, controller, reporting). It runs after
         # the Train run so that the start-up split stays the Train run's own.
+        ingest_epochs = max(2, epochs // 2)  # the first is discarded, as the Ray run's
         ingest_cpu = time.process_time()
         ingest_seconds = _plain_epoch_seconds(
-            method, config, lambda: data.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2), max(2, epochs // 2)
+            method, config, lambda: data.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2), ingest_epochs
         )[1:]
         ingest_cpu = time.process_time() - ingest_cpu
     finally:
@@ -244,7 +245,6 @@ def bench_train(data_root: str | None = None, tiles: int = 128, epochs: int = 5,
     plain_cpu_step = plain_cpu / (steps * len(plain_seconds))
     worker = sum(row["cpu_s"] for row in table if row["process"] == TRAIN_WORKER)
     worker_per_step = worker / window_steps if window_steps else float("nan")
-    ingest_epochs = max(2, epochs // 2)
     return {
         "model": "unet/resnet18 (slim decoder), SAR input",
         "device": "cpu",

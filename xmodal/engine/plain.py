@@ -38,11 +38,11 @@ LAST_DIR = "checkpoint_last"
 TESTED_DIR = "checkpoint_tested"
 
 
-def _save_checkpoint(folder: Path, state: dict[str, Any], exports: dict[str, Any], inference: dict[str, Any] | None = None) -> None:
-    """Write state.pt, exports and the inference record into ``folder`` atomically (a crash never leaves half a checkpoint)."""
+def _replace_folder(folder: Path, fill: Callable[[Path], None]) -> None:
+    """Fill a scratch folder beside ``folder``, then swap it in (a crash never leaves half a checkpoint)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    write_checkpoint(scratch, state, exports, inference)
+    fill(scratch)
     previous = folder.with_name(folder.name + ".previous")
     if folder.exists():
         folder.rename(previous)
@@ -50,11 +50,23 @@ def _save_checkpoint(folder: Path, state: dict[str, Any], exports: dict[str, Any
     shutil.rmtree(previous, ignore_errors=True)
 
 
+def _save_checkpoint(folder: Path, state: dict[str, Any], exports: dict[str, Any], inference: dict[str, Any] | None = None) -> None:
+    """Write state.pt, exports and the inference record into ``folder`` atomically."""
+    _replace_folder(folder, lambda scratch: write_checkpoint(scratch, state, exports, inference))
+
+
 def _link_or_copy(source: str, target: str) -> None:
     try:
         os.link(source, target)
     except OSError:  # a file system without hard links
         shutil.copy2(source, target)
+
+
+def _link_checkpoint(source: Path, folder: Path) -> None:
+    """Make ``folder`` the same checkpoint as ``source`` atomically, by hard links: checkpoint files
+    are replaced by renaming, never rewritten in place, so the second name costs no disk and no
+    second serialisation."""
+    _replace_folder(folder, lambda scratch: shutil.copytree(source, scratch, copy_function=_link_or_copy, dirs_exist_ok=True))
 
 
 def recover_checkpoints(folder: Path, log: Callable[[str], None]) -> None:
@@ -122,7 +134,7 @@ def run_plain_single(
         record = {"method": method.state_dict(), "epoch": epoch, "global_step": metrics["step"], "fingerprint": plan_fingerprint, "metrics": metrics, "best": tracker.record}
         _save_checkpoint(folder / LAST_DIR, record, method.exports(), inference)
         if tracker.epoch == epoch + 1:
-            _save_checkpoint(folder / TESTED_DIR, record, method.exports(), inference)
+            _link_checkpoint(folder / LAST_DIR, folder / TESTED_DIR)
         if report is not None:
             report(metrics)
 
@@ -162,10 +174,7 @@ def run_plain_single(
         bar.close()
         writer.close()
     if outcome["tested_epoch"] == config.train.epochs or not (folder / TESTED_DIR).is_dir():
-        shutil.rmtree(folder / TESTED_DIR, ignore_errors=True)
-        # Hard links: checkpoint files are replaced by renaming, never rewritten in place, so the
-        # tested copy of the last epoch costs no disk.
-        shutil.copytree(folder / LAST_DIR, folder / TESTED_DIR, copy_function=_link_or_copy)
+        _link_checkpoint(folder / LAST_DIR, folder / TESTED_DIR)
     summary = summarise(
         config, outcome, spec=spec, checkpoint=str(folder / TESTED_DIR), last_checkpoint=str(folder / LAST_DIR),
         started=started, inputs={name: ref.record() for name, ref in inputs.items()}, engine="plain",
