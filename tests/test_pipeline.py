@@ -10,9 +10,9 @@ import pytest
 from xmodal.data.labels import LabelSettings
 from xmodal.data.manifest import Manifest
 from xmodal.data.pipeline import build_dataset
-from xmodal.data.torch_data import iterate_numpy, torch_loader
 from xmodal.data.prepared import DataSettings, prepare_data
 from xmodal.data.store import pack
+from xmodal.data.torch_data import iterate_numpy, torch_loader
 from xmodal.errors import ConfigError, DataError
 
 
@@ -189,3 +189,26 @@ def test_a_broken_packed_part_is_named(tiny_world: Path, tmp_path: Path, ray_loc
     part.write_bytes(b"not parquet")
     with pytest.raises(DataError, match=f"{part.name}: cannot be read as a packed Parquet part"):
         build_dataset(prepared, "test").take_all()
+
+
+@pytest.mark.ray
+def test_a_new_execution_knows_its_resources_at_its_first_query(ray_local):
+    """Ray Data's coordinator client answers its first query from an empty cache: without
+    :mod:`xmodal.data.ray_fixes` every execution (every epoch) ran its first second with a zero
+    budget, one task at a time. The executor's own calls, in the same order."""
+    from ray.data._internal.cluster_autoscaler.base_autoscaling_coordinator import (
+        STANDARD_RESOURCE_TYPES,
+    )
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        DefaultAutoscalingCoordinator,
+    )
+
+    import xmodal.data.pipeline  # noqa: F401 - installs the fix, as it does in every Ray process
+
+    client = DefaultAutoscalingCoordinator("xmodal-test-first-query")
+    try:
+        client.request_resources(resources=[], expire_after_s=60, request_remaining=STANDARD_RESOURCE_TYPES)
+        reserved = client.get_reserved_resources()
+        assert sum(resources.get("CPU", 0) for resources in reserved.values()) > 0, reserved
+    finally:
+        client.cancel_request()

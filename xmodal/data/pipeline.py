@@ -24,12 +24,15 @@ import pyarrow.parquet as pq
 import rasterio
 import ray
 
+from xmodal.data import ray_fixes
 from xmodal.data.prepared import PreparedData
 from xmodal.data.stats import convert_sar
 from xmodal.data.storage import join
 from xmodal.data.store import PACKED_READER, decode_row
 from xmodal.data.transforms import Preparer, stack, unstack, withhold_labels
 from xmodal.errors import DataError
+
+ray_fixes.install()  # before any of this module's datasets executes, in every process that loads it
 
 TRAIN = "train"
 LABELLED_STREAM = "train_labelled"
