@@ -117,6 +117,11 @@ def test_bench_commands_print_their_ratios(tmp_path: Path, capsys):
     code, out, _ = run(["bench", "data", "--tiles", "16", "--epochs", "2", "--json"], capsys)
     figures = json.loads(out)
     assert code == 0 and figures["ray_data_cached"]["ratio_vs_dataloader"] > 0 and figures["raw_decode_tiles_per_s"] > 0
+    # The DataLoader is measured like the Ray paths: its workers' CPU and the peak memory.
+    loader = figures["dataloader"]
+    workers = [row for row in loader["cpu_per_process"] if row["process"] == "DataLoader worker"]
+    assert workers and workers[0]["count"] == figures["cores"] and workers[0]["cpu_s"] > 0
+    assert loader["cpu_ms_per_tile"] > 0 and loader["peak_memory_mib"] > 0
     code, out, _ = run(["bench", "train", "--tiles", "16", "--epochs", "2"], capsys)
     assert code == 0 and "ratio" in out and "ms/step" in out
 

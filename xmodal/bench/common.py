@@ -95,10 +95,13 @@ class ProcessCpuSampler:
     Args:
         interval: Seconds between samples.
         root: The process whose descendants are sampled (default: this one).
+        forks: The label of a child running the root's own command line (a forked worker, such
+            as a DataLoader's; Ray's processes run commands of their own).
     """
 
     interval: float = 0.5
     root: int = field(default_factory=os.getpid)
+    forks: str | None = None
     samples: list[Sample] = field(default_factory=list, init=False)
     labels: dict[tuple[int, float], str] = field(default_factory=dict, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
@@ -109,6 +112,7 @@ class ProcessCpuSampler:
         try:
             root = psutil.Process(self.root)
             processes = [root, *root.children(recursive=True)]
+            root_command = root.cmdline()
         except psutil.NoSuchProcess:
             return
         used: dict[tuple[int, float], float] = {}
@@ -124,10 +128,18 @@ class ProcessCpuSampler:
                     # warm-up task a decode worker runs first; a newborn worker is still "python").
                     current = self.labels.get(key)
                     if current is None or current in PASSING or not current.startswith("ray::"):
-                        self.labels[key] = DRIVER if process.pid == self.root else process_label(process.name(), process.cmdline())
+                        self.labels[key] = self._label(process, root_command)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
         self.samples.append((time.time(), used))
+
+    def _label(self, process: psutil.Process, root_command: list[str]) -> str:
+        if process.pid == self.root:
+            return DRIVER
+        command = process.cmdline()
+        if self.forks and command == root_command:
+            return self.forks
+        return process_label(process.name(), command)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

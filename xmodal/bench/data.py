@@ -41,6 +41,7 @@ from xmodal.data.store import PACKED_READER
 from xmodal.errors import ConfigError
 
 BASE_TILES = 256  # training tiles of the generated world larger epochs cycle over
+DATALOADER_WORKER = "DataLoader worker"
 FLAT = 0.10  # the scale target: tiles/s and peak memory within 10 % from the smallest size to the largest
 
 
@@ -154,8 +155,25 @@ def _consume_loop(config: dict[str, Any]) -> list[tuple[int, float, float, float
     return out
 
 
+def _cpu_figures(sampler: ProcessCpuSampler, counts: list[int], seconds: list[float], ends: list[float]) -> dict[str, Any]:
+    """Where the CPU of the epochs after the first went, per process, and per tile over all of them.
+
+    The window runs from the first epoch's end to the last one's (the only epoch's, when one).
+    """
+    begin, end = (ends[0], ends[-1]) if len(ends) > 1 else (ends[0] - seconds[0], ends[0])
+    window = max(end - begin, 1e-9)
+    table = cpu_table(sampler.use_between(begin, end), window, os.cpu_count() or 1)
+    later_tiles = sum(counts[1:]) or counts[0]
+    return {
+        "cpu_window_s": round(window, 2), "cpu_per_process": table,
+        "cpu_ms_per_tile": round(1000.0 * sum(row["cpu_s"] for row in table) / later_tiles, 2),
+    }
+
+
 def _through_train(dataset: ray.data.Dataset, label: str, epochs: int, batch_size: int) -> dict[str, Any]:
-    """Epoch rates of ``dataset`` consumed by one Train worker, with the peak memory meanwhile."""
+    """Epoch rates of ``dataset`` consumed by one Train worker, with the peak memory and the CPU
+    per process meanwhile (the decode tasks against what a tile costs to decode alone, and the
+    rest: the Train worker's ingest, Ray's own processes)."""
     scratch = tempfile.mkdtemp(prefix="xmodal-bench-")
     trainer = TorchTrainer(
         _consume_loop,
@@ -171,35 +189,34 @@ def _through_train(dataset: ray.data.Dataset, label: str, epochs: int, batch_siz
     finally:
         sampler.stop()
         shutil.rmtree(scratch, ignore_errors=True)  # Train's run folder: nothing in it is a figure
-    counts = [c for c, _, _, _ in per_epoch]
-    rates = epoch_rates(counts, [s for _, s, _, _ in per_epoch])
-    seconds = [s for _, s, _, _ in per_epoch]
-    # Where the CPU of the later epochs went, per process: the decode tasks against what a tile
-    # costs to decode alone, and the rest (the Train worker's ingest, Ray's own processes).
-    ends = [end for _, _, _, end in per_epoch]
-    begin, end = (ends[0], ends[-1]) if len(ends) > 1 else (ends[0] - seconds[0], ends[0])
-    window = max(end - begin, 1e-9)
-    table = cpu_table(sampler.use_between(begin, end), window, os.cpu_count() or 1)
-    later_tiles = sum(counts[1:]) or counts[0]
+    counts, seconds = [c for c, _, _, _ in per_epoch], [s for _, s, _, _ in per_epoch]
     return {
-        **rates, "epoch_seconds": seconds, "first_batch_seconds": [f for _, _, f, _ in per_epoch], **memory.figures(),
-        "cpu_window_s": round(window, 2), "cpu_per_process": table,
-        "cpu_ms_per_tile": round(1000.0 * sum(row["cpu_s"] for row in table) / later_tiles, 2),
+        **epoch_rates(counts, seconds), "epoch_seconds": seconds, "first_batch_seconds": [f for _, _, f, _ in per_epoch],
+        **memory.figures(), **_cpu_figures(sampler, counts, seconds, [end for _, _, _, end in per_epoch]),
     }
 
 
 def _dataloader(prepared: PreparedData, records: list[dict[str, Any]], epochs: int, workers: int) -> dict[str, Any]:
+    """Epoch rates of the plain DataLoader, measured like the Ray paths: under the same memory and
+    CPU samplers (their own CPU, a few % of a core, weighs on both sides alike)."""
     from xmodal.data.torch_data import torch_loader
 
     loader = torch_loader(prepared, "train", num_workers=workers, records=records)
-    counts, seconds = [], []
-    for _ in range(epochs):
-        started, count = time.perf_counter(), 0
-        for batch in loader:
-            count += batch["sar"].shape[0]
-        counts.append(count)
-        seconds.append(time.perf_counter() - started)
-    return {"num_workers": workers, **epoch_rates(counts, seconds)}
+    counts, seconds, ends = [], [], []
+    sampler = ProcessCpuSampler(forks=DATALOADER_WORKER).start()
+    try:
+        with MemorySampler() as memory:
+            for _ in range(epochs):
+                started, count = time.perf_counter(), 0
+                for batch in loader:
+                    count += batch["sar"].shape[0]
+                counts.append(count)
+                seconds.append(time.perf_counter() - started)
+                sampler.sample()  # at the epoch's end: a window of short epochs then holds samples
+                ends.append(sampler.samples[-1][0])
+    finally:
+        sampler.stop()
+    return {"num_workers": workers, **epoch_rates(counts, seconds), **memory.figures(), **_cpu_figures(sampler, counts, seconds, ends)}
 
 
 def packed_root(root: str) -> str:
