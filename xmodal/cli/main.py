@@ -7,6 +7,7 @@ file, field or value and what was expected, with exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -216,8 +217,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
     sizes = {k: v for k, v in (("tiles", tiles), ("epochs", args.epochs), ("device", args.device)) if v is not None}
     if args.device is not None and args.what != "train":
         raise XmodalError(f"bench {args.what}: --device is an option of bench train only")
-    figures = runner(data_root=args.data, **sizes)
-    print(json.dumps(figures, indent=2) if args.json else bench.format_figures(figures))
+    if args.json:
+        # Stdout holds the JSON alone (for jq and scripts): the runs' progress lines go to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            figures = runner(data_root=args.data, **sizes)
+        print(json.dumps(figures, indent=2))
+    else:
+        print(bench.format_figures(runner(data_root=args.data, **sizes)))
 
 
 # ----------------------------------------------------------------------------- parser
