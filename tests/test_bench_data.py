@@ -60,6 +60,7 @@ def test_scale_verdicts_follow_the_ten_percent_target():
         "dataloader": {"epoch1": 334.0, "steady": 385.0}, "target": "t", "scale": slow_start,
         "ray_data_streaming": {"epoch1": 300.0, "steady": 400.0, "ratio_vs_dataloader": 400 / 385, "epoch1_ratio_vs_dataloader": 300 / 334,
                                "peak_memory_mib": 1000.0, "cpu_ms_per_tile": 9.5, "cpu_window_s": 4.0,
+                               "first_batch_seconds": [7.18, 0.78, 0.85], "epoch_seconds": [8.2, 1.7, 1.75],
                                "cpu_per_process": [{"process": "ray::MapBatches(decode)", "count": 2, "cpu_s": 3.1, "cpu_percent": 77.5}]},
     }
     text = format_data_figures(figures)
@@ -67,6 +68,7 @@ def test_scale_verdicts_follow_the_ten_percent_target():
     # Where the CPU went: a tile's decode alone against the streaming path's CPU per tile, by process.
     assert "raw decode costs 4.18 CPU ms per tile" in text and "(streaming): 9.50 CPU ms per tile" in text
     assert "ray::MapBatches(decode)" in text and "later epochs, the 8 busiest (4.0 s" in text
+    assert "first batch after 7.18 s in epoch 1, after 0.78, 0.85 s in later epochs (epoch seconds: 8.20, 1.70, 1.75)" in text
 
 
 def test_memory_sampler_sees_an_allocation(monkeypatch):

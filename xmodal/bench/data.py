@@ -367,6 +367,12 @@ def format_data_figures(figures: dict[str, Any]) -> str:
         entry = figures.get(key)
         if entry and entry.get("cpu_per_process"):
             lines.append(f"{name}: {entry['cpu_ms_per_tile']:.2f} CPU ms per tile over all processes, later epochs")
+            waits = entry.get("first_batch_seconds")
+            if waits:
+                # Each epoch is a new execution: what it pays before its first batch, beside its length.
+                later = ", ".join(f"{wait:.2f}" for wait in waits[1:]) or "-"
+                lines.append(f"  first batch after {waits[0]:.2f} s in epoch 1, after {later} s in later epochs (epoch seconds: "
+                             + ", ".join(f"{second:.2f}" for second in entry["epoch_seconds"]) + ")")
             lines += format_cpu_table(entry["cpu_per_process"][:8], entry["cpu_window_s"], "later epochs, the 8 busiest")
     scale = figures.get("scale")
     if scale:
