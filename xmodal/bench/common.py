@@ -107,14 +107,18 @@ class ProcessCpuSampler:
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
 
-    def sample(self) -> None:
-        """Read every process's CPU time now (also called by the sampling thread)."""
+    def sample(self) -> float | None:
+        """Read every process's CPU time now (also called by the sampling thread).
+
+        Returns:
+            The sample's wall time (``time.time()``), or ``None`` when the root process is gone.
+        """
         try:
             root = psutil.Process(self.root)
             processes = [root, *root.children(recursive=True)]
             root_command = root.cmdline()
         except psutil.NoSuchProcess:
-            return
+            return None
         used: dict[tuple[int, float], float] = {}
         for process in processes:
             try:
@@ -131,7 +135,9 @@ class ProcessCpuSampler:
                         self.labels[key] = self._label(process, root_command)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
-        self.samples.append((time.time(), used))
+        taken = time.time()
+        self.samples.append((taken, used))
+        return taken
 
     def _label(self, process: psutil.Process, root_command: list[str]) -> str:
         if process.pid == self.root:

@@ -212,8 +212,8 @@ def _dataloader(prepared: PreparedData, records: list[dict[str, Any]], epochs: i
                     count += batch["sar"].shape[0]
                 counts.append(count)
                 seconds.append(time.perf_counter() - started)
-                sampler.sample()  # at the epoch's end: a window of short epochs then holds samples
-                ends.append(sampler.samples[-1][0])
+                # A sample at the epoch's end: a window of short epochs then holds samples.
+                ends.append(sampler.sample() or time.time())
     finally:
         sampler.stop()
     return {"num_workers": workers, **epoch_rates(counts, seconds), **memory.figures(), **_cpu_figures(sampler, counts, seconds, ends)}
