@@ -146,11 +146,17 @@ def test_the_gpu_benchmark_is_refused_without_cuda(capsys, monkeypatch):
     assert "no CUDA device" in capsys.readouterr().err
 
 
-def test_device_is_checked(capsys):
+def test_device_and_threads_are_checked(capsys):
     with pytest.raises(ConfigError, match="expected one of"):
         bench_train(device="tpu")
+    with pytest.raises(ConfigError, match="--threads 0: expected 1 or more"):
+        bench_train(threads=0)
+    with pytest.raises(ConfigError, match="an option of the CPU step"):
+        bench_train(device="cuda", threads=4)
     assert main(["bench", "data", "--device", "cpu"]) == 2
-    assert "bench train only" in capsys.readouterr().err
+    assert "--device is an option of bench train only" in capsys.readouterr().err
+    assert main(["bench", "data", "--threads", "2"]) == 2
+    assert "--threads is an option of bench train only" in capsys.readouterr().err
 
 
 @pytest.mark.ray

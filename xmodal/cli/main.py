@@ -214,9 +214,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if len(tiles) > 1:
             raise XmodalError(f"bench train --tiles {args.tiles}: give one size (several sizes are an option of bench data)")
         tiles = tiles[0]
-    sizes = {k: v for k, v in (("tiles", tiles), ("epochs", args.epochs), ("device", args.device)) if v is not None}
-    if args.device is not None and args.what != "train":
-        raise XmodalError(f"bench {args.what}: --device is an option of bench train only")
+    sizes = {k: v for k, v in (("tiles", tiles), ("epochs", args.epochs), ("device", args.device), ("threads", args.threads)) if v is not None}
+    for option in ("device", "threads"):
+        if getattr(args, option) is not None and args.what != "train":
+            raise XmodalError(f"bench {args.what}: --{option} is an option of bench train only")
     if args.json:
         # Stdout holds the JSON alone (for jq and scripts): the runs' progress lines go to stderr.
         with contextlib.redirect_stdout(sys.stderr):
@@ -347,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tiles", help="tiles per epoch (default: data 256, train 128); data takes a comma list (256,2048,16384) for a scale table")
     bench.add_argument("--epochs", type=int, help="epochs; the first is reported apart (default: data 3, train 5)")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="train only: cuda times a kd reconstruction step fed by Ray Data and reports the GPU's busy share (default: cpu)")
+    bench.add_argument("--threads", type=int, help="train only, cpu: intra-op threads of both loops (default: the machine's cores)")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
 
