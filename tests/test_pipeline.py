@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -174,11 +177,55 @@ def test_decode_workers_are_warmed_once_per_ray_session(tiny_world: Path, ray_lo
     prepared = prepare_data(settings(tiny_world, cache="never"))
     build_dataset(prepared, "train")
     context = ray.get_runtime_context()
-    session = (str(context.gcs_address), context.get_job_id())
+    session = (str(context.gcs_address), context.get_job_id(), "{}")
     warmed = pipeline._WARMED[session]
-    assert len(warmed) >= 1 and ray.get(warmed, timeout=120) == [None] * len(warmed)  # the imports ran
+    pids = ray.get(warmed, timeout=120)  # the imports ran, in distinct workers
+    assert len(warmed) >= 1 and all(isinstance(pid, int) for pid in pids)
     build_dataset(prepared, "val", train=False)
     assert pipeline._WARMED[session] is warmed
+
+
+@pytest.mark.ray
+def test_a_train_runs_first_decode_tasks_run_in_the_warmed_workers(tiny_world: Path, tmp_path: Path, ray_local, monkeypatch):
+    """Ray runs a task only in a worker of the same runtime environment, and a Train run's Ray Data
+    tasks inherit its controller's: workers warmed in the driver's were never used and epoch 1's
+    decoding waited for new processes. Warmed in ``train_task_env()``, they decode epoch 1."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from xmodal.data import pipeline
+    from xmodal.engine.session import train_task_env
+
+    # An environment of this test's own (Train propagates this variable to its processes), so no
+    # worker left idle by an earlier test's run can take the tasks.
+    monkeypatch.setenv("RAY_TRAIN_COLLECTIVE_WARN_INTERVAL_S", f"{60 + (time.time_ns() % 10**6) / 10**7}")
+    log = tmp_path / "decode-pids.txt"
+    decode = pipeline._decode_batch
+
+    def recording_decode(batch, prepared):  # a closure: Ray pickles it by value into the task
+        with open(log, "a") as out:
+            out.write(f"{os.getpid()}\n")
+        return decode(batch, prepared)
+
+    monkeypatch.setattr(pipeline, "_decode_batch", recording_decode)
+    task_env = train_task_env()
+    assert task_env is not None and task_env["env_vars"]["RAY_TRAIN_COLLECTIVE_WARN_INTERVAL_S"].startswith("60")
+    prepared = prepare_data(settings(tiny_world, cache="never"))
+    dataset = build_dataset(prepared, "train", task_env=task_env)
+    context = ray.get_runtime_context()
+    warmed = set(ray.get(pipeline._WARMED[(str(context.gcs_address), context.get_job_id(), json.dumps(task_env, sort_keys=True))], timeout=120))
+
+    def one_epoch() -> None:
+        for _ in ray.train.get_dataset_shard("train").iter_batches(batch_size=4):
+            pass
+
+    TorchTrainer(
+        one_epoch, scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}), datasets={"train": dataset},
+        run_config=ray.train.RunConfig(name="warmed", storage_path=str(tmp_path / "runs")),
+    ).fit()
+    decoders = {int(line) for line in log.read_text().split()}
+    assert decoders and decoders <= warmed, (decoders, warmed)
 
 
 @pytest.mark.ray

@@ -38,6 +38,7 @@ from xmodal.bench.common import (
 from xmodal.data.manifest import Manifest
 from xmodal.data.prepared import DataSettings, PreparedData, prepare_data
 from xmodal.data.store import PACKED_READER
+from xmodal.engine.session import train_task_env
 from xmodal.errors import ConfigError
 
 BASE_TILES = 256  # training tiles of the generated world larger epochs cycle over
@@ -278,18 +279,19 @@ def bench_data(
         figures["dataloader_packed"] = _dataloader(packed_prepared, packed_records, epochs, cores)
 
     started_ray = init_ray()
+    task_env = train_task_env()  # the Train runs' tasks run in it: warm their decode workers there
     try:
         # Streaming first: in a fresh Ray its first epoch is what a run's first epoch pays.
-        figures["ray_data_streaming"] = _through_train(build_dataset(prepared, "train", records=records, cache=False), "streaming", epochs, batch_size)
-        figures["ray_data_cached"] = _through_train(build_dataset(prepared, "train", records=records, cache=True), "cached", epochs, batch_size)
+        figures["ray_data_streaming"] = _through_train(build_dataset(prepared, "train", records=records, cache=False, task_env=task_env), "streaming", epochs, batch_size)
+        figures["ray_data_cached"] = _through_train(build_dataset(prepared, "train", records=records, cache=True, task_env=task_env), "cached", epochs, batch_size)
         if packed_prepared is not None:
             figures["ray_data_packed"] = _through_train(
-                build_dataset(packed_prepared, "train", records=packed_records, cache=False), "packed", epochs, batch_size
+                build_dataset(packed_prepared, "train", records=packed_records, cache=False, task_env=task_env), "packed", epochs, batch_size
             )
         if len(sizes) > 1:
             rows = [{"tiles": sizes[0], **figures["ray_data_streaming"]}]
             for size in sizes[1:]:
-                dataset = build_dataset(prepared, "train", records=cycled_records(base, size), cache=False)
+                dataset = build_dataset(prepared, "train", records=cycled_records(base, size), cache=False, task_env=task_env)
                 rows.append({"tiles": size, **_through_train(dataset, f"streaming-{size}", epochs, batch_size)})
             figures["scale"] = scale_figures(rows)
     finally:

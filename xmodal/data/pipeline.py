@@ -14,6 +14,7 @@ The same transforms without Ray (a plain DataLoader) live in :mod:`xmodal.data.t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -168,36 +169,56 @@ def default_blocks(prepared: PreparedData, tiles: int) -> int:
 
 
 _MAX_WARMED_WORKERS = 16
-# Ray sessions (GCS address, job) whose task workers were warmed by :func:`warm_workers`.
-_WARMED: dict[tuple[str, str], list[ray.ObjectRef]] = {}
+# Ray sessions (GCS address, job, task runtime environment) whose task workers were warmed by
+# :func:`warm_workers`.
+_WARMED: dict[tuple[str, str, str], list[ray.ObjectRef]] = {}
 
 
-def import_decoding() -> None:
+def import_decoding() -> int:
     """Import, in a Ray worker, what a decode task imports: Ray Data's block code (this module,
-    with rasterio and the readers, comes with the function itself)."""
+    with rasterio and the readers, comes with the function itself).
+
+    Returns:
+        The worker's process id (to see which processes later tasks run in).
+    """
+    import os
+
     import ray.data._internal.execution.operators.map_transformer  # noqa: F401
 
+    return os.getpid()
 
-def warm_workers() -> None:
-    """Start the imports of the first epoch's decode tasks now, once per Ray session.
+
+def warm_workers(task_env: dict[str, Any] | None = None) -> None:
+    """Start the imports of the first epoch's decode tasks now, once per Ray session and
+    environment.
 
     A Ray task worker is a fresh interpreter: its first decode task imports Ray Data, pyarrow,
     rasterio and the readers, seconds each on a small machine, all inside the first epoch (a
     DataLoader forks workers that already hold them). Called when a dataset is built, the imports
     run beside the Train worker group's own start, and Ray keeps the warmed workers for the tasks
     (``engine.session`` keeps idle workers for 10 minutes). Nothing waits for them.
+
+    Args:
+        task_env: The runtime environment the decode tasks will run in: Ray runs a task only in a
+            worker started with the same one. The tasks of a Ray Train run inherit its
+            controller's (``engine.session.train_task_env``), not the driver's; workers warmed in
+            the driver's were never used there (measured: epoch 1's first decode task started in
+            a new process 7 s after the epoch began). None: the driver's own.
     """
     if not ray.is_initialized():
         return  # Ray Data starts a Ray of its own on first use: nothing to warm before that
     context = ray.get_runtime_context()
-    session = (str(context.gcs_address), context.get_job_id())
+    session = (str(context.gcs_address), context.get_job_id(), json.dumps(task_env or {}, sort_keys=True))
     if session in _WARMED:
         return
     # One per CPU Ray Data can use beside one Train worker (a few on a cluster: each node starts
     # its own workers as tasks arrive); no CPU held, so the worker group's placement never waits.
     count = max(1, min(_MAX_WARMED_WORKERS, int(ray.cluster_resources().get("CPU", 1)) - 1))
     task = ray.remote(num_cpus=0, max_retries=0)(import_decoding)
-    _WARMED[session] = [task.options(scheduling_strategy="SPREAD").remote() for _ in range(count)]
+    options: dict[str, Any] = {"scheduling_strategy": "SPREAD"}
+    if task_env:
+        options["runtime_env"] = task_env
+    _WARMED[session] = [task.options(**options).remote() for _ in range(count)]
 
 
 def should_cache(prepared: PreparedData, tiles: int) -> bool:
@@ -216,6 +237,7 @@ def build_dataset(
     records: list[dict[str, Any]] | None = None,
     train: bool | None = None,
     cache: bool | None = None,
+    task_env: dict[str, Any] | None = None,
 ) -> ray.data.Dataset:
     """A Ray Dataset of prepared samples.
 
@@ -225,6 +247,7 @@ def build_dataset(
         records: The records to stream (default: the split's).
         train: Augment, with the method's views (defaults to ``split == "train"``).
         cache: Materialise decoded tiles (defaults to :func:`should_cache`).
+        task_env: The runtime environment its tasks will run in (see :func:`warm_workers`).
     """
     # A decode error (a DataError naming the broken file) reaches the worker as itself rather than
     # as Ray Data's generic UserCodeException, so the run is not retried and says what is wrong.
@@ -236,7 +259,7 @@ def build_dataset(
     blocks = prepared.settings.blocks or default_blocks(prepared, len(records))
     cache = should_cache(prepared, len(records)) if cache is None else cache
     if not cache:
-        warm_workers()
+        warm_workers(task_env)
     # Block order is shuffled before decoding when decoding streams: shuffling decoded blocks is an
     # all-to-all step that waits for the whole epoch's decoding and keeps decode and prepare from
     # fusing (measured on 2 cores, 256 tiles: 102 -> 119-133 tiles/s in the driver).
@@ -266,20 +289,25 @@ def build_datasets(
     *,
     world_size: int = 1,
     streams: tuple[str, ...] = (),
+    task_env: dict[str, Any] | None = None,
 ) -> dict[str, ray.data.Dataset]:
-    """The datasets of one run (see the module docstring); empty splits and shares are left out."""
+    """The datasets of one run (see the module docstring); empty splits and shares are left out.
+
+    ``task_env``: the runtime environment the run's Ray Data tasks will run in (a Ray Train run's:
+    ``engine.session.train_task_env``), for :func:`warm_workers`.
+    """
     datasets: dict[str, ray.data.Dataset] = {}
     for split in splits:
         records = prepared.records(split)
         if not records:
             continue
         if split == TRAIN:
-            datasets[TRAIN] = build_dataset(prepared, TRAIN, records=records)
+            datasets[TRAIN] = build_dataset(prepared, TRAIN, records=records, task_env=task_env)
             if "labelled" in streams:
-                datasets[LABELLED_STREAM] = build_dataset(prepared, TRAIN, records=prepared.labelled_stream())
+                datasets[LABELLED_STREAM] = build_dataset(prepared, TRAIN, records=prepared.labelled_stream(), task_env=task_env)
             continue
         for rank in range(world_size):
             share = records[rank::world_size]
             if share:
-                datasets[eval_dataset_name(split, rank, world_size)] = build_dataset(prepared, split, records=share, train=False)
+                datasets[eval_dataset_name(split, rank, world_size)] = build_dataset(prepared, split, records=share, train=False, task_env=task_env)
     return datasets

@@ -31,7 +31,7 @@ from xmodal.engine.preflight import preflight
 from xmodal.engine.results import (
     SNAPSHOT_FILE, RunResult, checkpoint_location, publish_results, read_snapshot, record_failure, results_dir, results_location, storage_path, summarise, write_run_results,
 )
-from xmodal.engine.session import connect, placement_group_cleaner_can_work
+from xmodal.engine.session import connect, placement_group_cleaner_can_work, train_task_env
 from xmodal.engine.setup import BestTracker, metric_spec, prepare_run_data, result_line, run_header
 from xmodal.engine.storage import is_remote, refuse_job_scratch
 from xmodal.engine.tracking import track_run
@@ -121,7 +121,7 @@ def make_trainer(
     if parents:
         storage = storage.rstrip("/") + "/" + "/".join(parents)
     if datasets is None:
-        datasets = build_datasets(prepared, plan.splits, world_size=scaling.num_workers, streams=plan.needs.streams)
+        datasets = build_datasets(prepared, plan.splits, world_size=scaling.num_workers, streams=plan.needs.streams, task_env=train_task_env())
     plan.datasets = tuple(datasets)
     tracker = BestTracker(metric_spec(config, plan.spec), config.run.select)
     return XmodalTrainer(

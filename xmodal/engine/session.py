@@ -72,6 +72,31 @@ def state_api_available() -> bool:
         return False
 
 
+def train_task_env() -> dict[str, object] | None:
+    """The runtime environment of a Ray Train run's processes, as Train V2 sets it.
+
+    Train V2 starts its controller with the driver's Train settings as environment variables
+    (``get_env_vars_to_propagate``, and ``RAY_WARN_BLOCKING_GET_INSIDE_ASYNC`` off); its workers,
+    and the Ray Data tasks they run, inherit that environment. Ray reuses a worker process only for
+    tasks of the same environment, so the decode workers warmed for a run must be started in it.
+
+    Returns:
+        ``{"env_vars": ...}``, or None where this Ray has no Train V2 internals of that name (the
+        warmed workers then serve the driver's own iterations only).
+    """
+    try:
+        from ray.train.v2._internal.constants import (
+            DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+            RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
+            get_env_vars_to_propagate,
+        )
+    except ImportError:
+        return None
+    env_vars = get_env_vars_to_propagate()
+    env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+    return {"env_vars": env_vars}
+
+
 def local_ray_options(dashboard: bool) -> tuple[dict[str, str], dict[str, object]]:
     """What :func:`start_local_ray` sets beside Ray's defaults.
 
