@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -176,8 +175,7 @@ def test_decode_workers_are_warmed_once_per_ray_session(tiny_world: Path, ray_lo
 
     prepared = prepare_data(settings(tiny_world, cache="never"))
     build_dataset(prepared, "train")
-    context = ray.get_runtime_context()
-    session = (str(context.gcs_address), context.get_job_id(), "{}")
+    session = pipeline.warm_key()
     warmed = pipeline._WARMED[session]
     pids = ray.get(warmed, timeout=120)  # the imports ran, in distinct workers
     assert len(warmed) >= 1 and all(isinstance(pid, int) for pid in pids)
@@ -213,8 +211,7 @@ def test_a_train_runs_first_decode_tasks_run_in_the_warmed_workers(tiny_world: P
     assert task_env is not None and task_env["env_vars"]["RAY_TRAIN_COLLECTIVE_WARN_INTERVAL_S"].startswith("60")
     prepared = prepare_data(settings(tiny_world, cache="never"))
     dataset = build_dataset(prepared, "train", task_env=task_env)
-    context = ray.get_runtime_context()
-    warmed = set(ray.get(pipeline._WARMED[(str(context.gcs_address), context.get_job_id(), json.dumps(task_env, sort_keys=True))], timeout=120))
+    warmed = set(ray.get(pipeline._WARMED[pipeline.warm_key(task_env)], timeout=120))
 
     def one_epoch() -> None:
         for _ in ray.train.get_dataset_shard("train").iter_batches(batch_size=4):

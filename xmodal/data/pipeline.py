@@ -15,6 +15,7 @@ The same transforms without Ray (a plain DataLoader) live in :mod:`xmodal.data.t
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -181,11 +182,15 @@ def import_decoding() -> int:
     Returns:
         The worker's process id (to see which processes later tasks run in).
     """
-    import os
-
     import ray.data._internal.execution.operators.map_transformer  # noqa: F401
 
     return os.getpid()
+
+
+def warm_key(task_env: dict[str, Any] | None = None) -> tuple[str, str, str]:
+    """The key of :data:`_WARMED` for the connected Ray session and a task environment."""
+    context = ray.get_runtime_context()
+    return str(context.gcs_address), context.get_job_id(), json.dumps(task_env or {}, sort_keys=True)
 
 
 def warm_workers(task_env: dict[str, Any] | None = None) -> None:
@@ -207,8 +212,7 @@ def warm_workers(task_env: dict[str, Any] | None = None) -> None:
     """
     if not ray.is_initialized():
         return  # Ray Data starts a Ray of its own on first use: nothing to warm before that
-    context = ray.get_runtime_context()
-    session = (str(context.gcs_address), context.get_job_id(), json.dumps(task_env or {}, sort_keys=True))
+    session = warm_key(task_env)
     if session in _WARMED:
         return
     # One per CPU Ray Data can use beside one Train worker (a few on a cluster: each node starts
