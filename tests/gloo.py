@@ -8,23 +8,32 @@ from __future__ import annotations
 
 import os
 import socket
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from xmodal.engine.session import free_port
 from xmodal.methods.base import MethodContext
 
 WORLD = 2
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def free_ports(names: list[str] | tuple[str, ...]) -> dict[str, int]:
+    """A distinct TCP port free on 127.0.0.1 now for each name.
+
+    Every probe stays bound until all are chosen: probes closed one by one may be handed the same
+    port twice (a `ray start` given two equal ports refuses to start).
+    """
+    with ExitStack() as probes:
+        ports = {}
+        for name in names:
+            probe = probes.enter_context(socket.socket())
+            probe.bind(("127.0.0.1", 0))
+            ports[name] = int(probe.getsockname()[1])
+        return ports
 
 
 def spawn(worker: Callable[..., None], *args: Any, world: int = WORLD) -> None:

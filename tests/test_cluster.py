@@ -26,7 +26,7 @@ from typing import Iterator
 
 import pytest
 import yaml
-from gloo import free_port
+from gloo import free_ports
 
 from xmodal.errors import ConfigError
 
@@ -455,9 +455,8 @@ def ray_head(python_without_xmodal: Path) -> Iterator[dict]:
     """
     marker = secrets.token_hex(8)
     temp_dir = tempfile.mkdtemp(prefix="xrh", dir="/tmp")  # short: Unix socket paths are limited
-    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
-                                             "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
-                                             "node-manager-port", "object-manager-port")}
+    ports = free_ports(("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                        "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port"))
     dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(

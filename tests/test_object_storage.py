@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gloo import free_port
+from gloo import free_port, free_ports
 
 BUCKET = "xmodal-test"
 
@@ -310,7 +310,7 @@ def start_node(head: dict | None, env: dict[str, str], cpus: int, temp_dir: str)
              "runtime-env-agent-port", "metrics-export-port"]
     if head is None:
         names += ["port", "dashboard-port", "ray-client-server-port"]
-    ports = {name: free_port() for name in names}
+    ports = free_ports(names)
     command = [RAY, "start", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
     if head is None:
         command += ["--head", "--dashboard-host=127.0.0.1", "--include-dashboard=true"]
