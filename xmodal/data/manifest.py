@@ -15,6 +15,8 @@ files copied to a local cache, its tiles read where they lie; see :meth:`Manifes
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,14 +290,22 @@ class Manifest:
     def _load_remote(cls, uri: str) -> Manifest:
         check_reachable(uri, "data.root")
         cache = cache_folder(uri)
-        for name in SMALL_FILES:
-            (cache / name).unlink(missing_ok=True)  # a file deleted from the bucket is gone here too
-            if not download(join(uri, name), cache / name) and name in (DATASET_FILE, MANIFEST_FILE):
-                raise DataError(
-                    f"{join(uri, name)}: not found; a dataset on object storage must be a prepared folder "
-                    f"({DATASET_FILE} and {MANIFEST_FILE}): pack one with `xmodal data pack <folder> {uri}`, "
-                    "or upload a prepared folder there"
-                )
+        cache.mkdir(parents=True, exist_ok=True)
+        # The cache folder is shared by every process of this machine (trials of a sweep load the
+        # same dataset at once): each downloads into a folder of its own and swaps whole files in,
+        # so no process ever finds a file another one has just removed or half written.
+        with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as staging:
+            for name in SMALL_FILES:
+                if download(join(uri, name), Path(staging) / name):
+                    os.replace(Path(staging) / name, cache / name)
+                elif name in (DATASET_FILE, MANIFEST_FILE):
+                    raise DataError(
+                        f"{join(uri, name)}: not found; a dataset on object storage must be a prepared folder "
+                        f"({DATASET_FILE} and {MANIFEST_FILE}): pack one with `xmodal data pack <folder> {uri}`, "
+                        "or upload a prepared folder there"
+                    )
+                else:
+                    (cache / name).unlink(missing_ok=True)  # a file deleted from the bucket is gone here too
         manifest = cls.load(cache)
         manifest.location = uri
         return manifest
